@@ -1,0 +1,66 @@
+"""The ``upcycle`` command line: a thin layer over the Python API.
+
+Each verb is a click command named ``command`` in ``upcycle/commands/<verb>.py``,
+calling the Python API in ``upcycle/<verb>.py``; this
+file only collects them and turns :class:`UpcycleError` into a one-line message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from upcycle import __version__
+from upcycle.errors import UpcycleError
+
+VERBS = {
+    "expand": "upcycle.commands.expand",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a verb's module only when that verb runs (keeps ``--help`` fast)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(VERBS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in VERBS:
+            return None
+        return importlib.import_module(VERBS[name]).command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="upcycle")
+def cli() -> None:
+    """Continual sparse upcycling for Doge language models.
+
+    Grow CDMoE experts on a dense Doge checkpoint, train only the new experts,
+    merge, and export to the Hugging Face Hub.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, no tracebacks, non-zero exits."""
+    try:
+        cli.main(args=argv, prog_name="upcycle", standalone_mode=False)
+    except UpcycleError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Graft CDMoE experts onto a dense Doge checkpoint (``upcycle expand``).
+
+Dense tensors are copied bit-exact (or cast with ``dtype``). Each layer gains
+``router_gate`` (normal, std ``initializer_range``), ``down_embed`` (same) and
+``up_embed`` (zeros). With ``up_embed`` zero the expert term is exactly zero, so
+the upcycled model computes the dense function; ``up_embed`` still receives a
+gradient (the expert activations are non-zero), and once it moves, ``down_embed``
+and ``router_gate`` learn too, the same idea as LoRA's zero ``B``.
+
+Tensors stream from the source files into the output shards one at a time, so
+peak memory is about the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from upcycle.errors import UpcycleError
+from upcycle.folder import parse_dtype, read_config, resolve_source, staged_output, weight_files, write_folder_extras
+from upcycle.modeling_upcycle_doge import ROUTED_PARAMETER_NAMES
+from upcycle.safetensors_stream import SourceTensor, TensorPlan, scan, write_sharded
+
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExpandResult:
+    """What ``expand`` wrote and how the parameter count changed."""
+
+    out: Path
+    params_before: int
+    params_after: int
+    params_added: int
+    trainable: int
+    bytes_on_disk: int
+    num_experts: int
+    experts_per_token: int
+
+    def summary(self) -> str:
+        rows = [
+            ("output", str(self.out)),
+            ("experts", f"{self.num_experts} per layer, {self.experts_per_token} per token"),
+            ("parameters before", f"{self.params_before:,}"),
+            ("parameters after", f"{self.params_after:,}"),
+            ("added", f"{self.params_added:,}"),
+            ("trainable (new experts)", f"{self.trainable:,}"),
+            ("size on disk", human_bytes(self.bytes_on_disk)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def default_experts_per_token(num_experts: int) -> int:
+    """sqrt(N)/4: 1024 -> 8 (the published Doge MoE), 4096 -> 16, 16384 -> 32."""
+    return max(1, math.isqrt(num_experts) // 4)
+
+
+def default_output(src: str, folder: Path, num_experts: int) -> Path:
+    """A new sibling of a local SRC, or a folder in the working directory for a Hub id."""
+    local = Path(src).expanduser()
+    base = local.resolve() if local.exists() else Path.cwd() / str(src).rstrip("/").split("/")[-1]
+    return base.with_name(f"{base.name}-moe{num_experts}")
+
+
+def validate(num_experts: int, experts_per_token: int) -> None:
+    keys = math.isqrt(num_experts) if num_experts > 0 else 0
+    if num_experts < 1 or keys * keys != num_experts:
+        lower, upper = keys * keys, (keys + 1) ** 2
+        hint = f"{lower} or {upper}" if lower else f"{upper}"
+        raise UpcycleError(f"--experts {num_experts} is not a perfect square (product-key routing needs "
+                           f"num_keys**2 experts): try {hint}")
+    if not 1 <= experts_per_token <= num_experts:
+        raise UpcycleError(f"--experts-per-token {experts_per_token} must be between 1 and --experts ({num_experts})")
+
+
+def new_tensor(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    """Initial value of a grafted tensor, reproducible per (seed, name)."""
+    if name.endswith("up_embed.weight"):
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator) * std
+
+
+def plan_tensors(source: dict[str, SourceTensor], config, num_experts: int, dtype: torch.dtype | None,
+                 seed: int) -> tuple[list[TensorPlan], list[str]]:
+    """Every output tensor in order: the dense ones, then each layer's new experts."""
+    hidden, keys = config.hidden_size, math.isqrt(num_experts)
+    plans, added = [], []
+    for name, tensor in source.items():
+        out_dtype = dtype if (dtype is not None and tensor.dtype.is_floating_point) else tensor.dtype
+        plans.append(TensorPlan(name, out_dtype, tensor.shape, tensor.read))
+    float_dtype = dtype or next((t.dtype for n, t in source.items() if n.endswith("mlp.gate_proj.weight")),
+                                torch.float32)
+    shapes = {"router_gate": (2 * keys, hidden), "down_embed": (num_experts, hidden), "up_embed": (num_experts, hidden)}
+    for layer in range(config.num_hidden_layers):
+        for part in ROUTED_PARAMETER_NAMES:
+            name = f"model.layers.{layer}.mlp.{part}.weight"
+            plans.append(TensorPlan(name, float_dtype, shapes[part],
+                                    lambda n=name, s=shapes[part]: new_tensor(n, s, config.initializer_range, seed)))
+            added.append(name)
+    return plans, added
+
+
+def check_dense_tensors(source: dict[str, SourceTensor], config, folder: Path) -> None:
+    """Every layer must hold a dense SwiGLU MLP of the configured shape."""
+    for layer in range(config.num_hidden_layers):
+        for part in DENSE_MLP:
+            name = f"model.layers.{layer}.mlp.{part}.weight"
+            if name not in source:
+                raise UpcycleError(f"{folder} lacks {name}: it is not a complete dense Doge checkpoint")
+        shape = source[f"model.layers.{layer}.mlp.gate_proj.weight"].shape
+        if shape != (config.intermediate_size, config.hidden_size):
+            raise UpcycleError(f"{folder}: layer {layer} gate_proj has shape {shape}, config says "
+                               f"{(config.intermediate_size, config.hidden_size)}; the config does not match the weights")
+
+
+def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | None = None,
+           out: str | os.PathLike | None = None, force: bool = False, seed: int = 0,
+           dtype: str | torch.dtype | None = None, max_shard_size: str | int = "2GB",
+           progress: bool = True) -> ExpandResult:
+    """Write an upcycled copy of the dense Doge checkpoint ``src`` with ``num_experts`` experts per layer.
+
+    The result computes the same function as ``src`` and is ready for ``continue_train``.
+    """
+    k = default_experts_per_token(num_experts) if experts_per_token is None else experts_per_token
+    validate(num_experts, k)
+    folder = resolve_source(src)
+    config = read_config(folder)
+    if config.is_moe:
+        raise UpcycleError(f"{src} already has {config.num_experts} experts per layer: growing an upcycled "
+                           "checkpoint is not supported yet; expand its dense source, or continue-train it as is")
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    source = scan(weight_files(folder))
+    check_dense_tensors(source, config, folder)
+    out = Path(out).expanduser() if out is not None else default_output(str(src), folder, num_experts)
+    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+        raise UpcycleError(f"output {out} is inside the source folder: choose a folder outside {folder}")
+    plans, added = plan_tensors(source, config, num_experts, dtype, seed)
+
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("transformers_version", None)
+    raw.update(is_moe=True, num_experts=num_experts, num_experts_per_tok=k)
+    raw["upcycle"] = {"base_model": str(src), "seed": seed, "init": "up_embed zero"}
+    if dtype is not None:
+        raw["dtype"] = str(dtype).removeprefix("torch.")
+
+    total = sum(p.nbytes for p in plans)
+    with staged_output(out, force=force) as stage:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="expand", disable=not progress) as bar:
+            write_sharded(stage, plans, max_shard_size, on_bytes=bar.update)
+        write_folder_extras(stage, raw, folder)
+        written = sum(f.stat().st_size for f in stage.iterdir() if f.is_file())
+
+    def count(names) -> int:
+        return sum(math.prod(p.shape) for p in plans if p.name in names)
+
+    before = count(set(source))
+    added_count = count(set(added))
+    return ExpandResult(out, before, before + added_count, added_count, added_count, written, num_experts, k)

@@ -1,0 +1,233 @@
+"""The model-folder format every upcycle verb reads and writes.
+
+A folder is a standard transformers checkpoint: ``config.json`` (model_type
+``doge``), safetensors weights (sharded with an index when large), the source's
+tokenizer and generation config, and for MoE models the remote code
+``modeling_upcycle_doge.py`` registered through ``auto_map``. Stock transformers
+loads it without remote code too (same parameter names as ``DogeCDMoE``).
+
+Writes go to a hidden staging folder beside OUT and are moved into place at the
+end, so a failed run leaves nothing half-written. ``force`` overwrites only files
+upcycle wrote before (listed in ``.upcycle-manifest.json``), never anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import DogeConfig
+
+from upcycle.errors import UpcycleError
+from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM, num_keys_for
+
+MODELING_FILE = Path(__file__).with_name("modeling_upcycle_doge.py")
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_upcycle_doge.UpcycleDogeForCausalLM"}
+MANIFEST = ".upcycle-manifest.json"
+COMPANION_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``"bf16"`` -> ``torch.bfloat16``; ``None`` stays ``None``."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UpcycleError(f"unknown dtype {name!r}: use one of float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """A local folder as is, or a Hub id downloaded to the local cache."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UpcycleError(f"{src} is a file: pass the checkpoint folder that holds config.json")
+        return path
+    text = str(src)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise UpcycleError(f"{src} does not exist: pass a local checkpoint folder or a Hub id like SmallDoge/Doge-20M")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    except Exception as error:  # network, auth, missing repo: all end the same way for the user
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UpcycleError(f"could not fetch {text} from the Hub ({reason}): check the id, your network "
+                           "and HF_TOKEN, or pass a local folder") from None
+
+
+def read_config(folder: Path) -> DogeConfig:
+    """The folder's ``DogeConfig``; a clear error for anything that is not Doge."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UpcycleError(f"{folder} has no config.json: pass a Doge checkpoint folder")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UpcycleError(f"{config_file} is not valid JSON ({error}): re-download or re-save the checkpoint") from None
+    if raw.get("model_type") != "doge":
+        raise UpcycleError(f"{folder} is a {raw.get('model_type', 'unknown')!r} checkpoint, not Doge: "
+                           "upcycle only works on Doge models (model_type 'doge')")
+    try:
+        config = DogeConfig.from_dict({k: v for k, v in raw.items() if k != "transformers_version"})
+    except Exception as error:
+        raise UpcycleError(f"{config_file} is not a valid Doge config ({error})") from None
+    if config.is_moe:
+        num_keys_for(config.num_experts)
+    return config
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files, from the index when sharded."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as error:
+            raise UpcycleError(f"{index} is malformed ({error}): re-save the checkpoint") from None
+        files = [folder / name for name in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UpcycleError(f"{folder} is missing shard(s) {', '.join(missing)}: re-download the checkpoint")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(folder.glob("*.bin")):
+        raise UpcycleError(f"{folder} has only .bin weights: re-save it with save_pretrained(safe_serialization=True)")
+    raise UpcycleError(f"{folder} has no safetensors weights (model.safetensors or an index)")
+
+
+def load_model(src: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None) -> UpcycleDogeForCausalLM:
+    """Load any Doge folder (dense or MoE) with upcycle's causal CDMoE."""
+    folder = resolve_source(src)
+    read_config(folder)
+    weight_files(folder)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    try:
+        model = UpcycleDogeForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    except Exception as error:
+        raise UpcycleError(f"could not load {folder}: {str(error).splitlines()[0]}") from None
+    return model.to(device) if device is not None else model
+
+
+def load_config(src: str | os.PathLike) -> DogeConfig:
+    """The Doge config of a local folder or Hub id."""
+    return read_config(resolve_source(src))
+
+
+def copy_companions(source: Path | None, out: Path) -> list[str]:
+    """Copy tokenizer and generation-config files that exist in ``source``."""
+    copied = []
+    for name in COMPANION_FILES if source else ():
+        if (source / name).is_file() and not (out / name).exists():
+            shutil.copy2(source / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def finish_config(config: dict, is_moe: bool) -> dict:
+    """Add ``auto_map``/``architectures`` so remote code and stock both load."""
+    config = dict(config)
+    if is_moe:
+        config["auto_map"] = dict(AUTO_MAP)
+        config["architectures"] = ["UpcycleDogeForCausalLM"]
+    else:
+        config.pop("auto_map", None)
+        config["architectures"] = ["DogeForCausalLM"]
+    return config
+
+
+def write_folder_extras(out: Path, config: dict, source: Path | None = None) -> None:
+    """Write ``config.json``, the remote code and the source's companion files into ``out``."""
+    config = finish_config(config, bool(config.get("is_moe")))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if config.get("is_moe"):
+        shutil.copy2(MODELING_FILE, out / MODELING_FILE.name)
+    copy_companions(source, out)
+
+
+def save_model(model: torch.nn.Module, out: str | os.PathLike, source: str | os.PathLike | None = None,
+               force: bool = False, max_shard_size: str | int = "2GB") -> Path:
+    """Save ``model`` as an upcycle model folder (atomically)."""
+    with staged_output(out, force=force) as stage:
+        model.save_pretrained(stage, max_shard_size=max_shard_size)
+        config = json.loads((stage / "config.json").read_text())
+        write_folder_extras(stage, config, Path(source) if source else None)
+    return Path(out)
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse a non-empty OUT unless ``force``; check its parent is writable."""
+    if out.exists() and not out.is_dir():
+        raise UpcycleError(f"{out} exists and is a file: choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UpcycleError(f"{out} exists and is not empty: choose another output folder or pass --force")
+    parent = out.parent if not out.exists() else out
+    parent_existing = parent
+    while not parent_existing.exists():
+        parent_existing = parent_existing.parent
+    if not os.access(parent_existing, os.W_OK | os.X_OK):
+        raise UpcycleError(f"cannot write to {parent_existing}: choose an output folder you can write to")
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a staging folder; on success move its files into ``out``.
+
+    On any error the staging folder is removed and ``out`` is untouched.
+    """
+    out = Path(out).expanduser()
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield stage
+        publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move the staged files into ``out``, replacing only files upcycle wrote."""
+    written = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
+    (stage / MANIFEST).write_text(json.dumps({"files": written}, indent=1) + "\n")
+    if not out.exists():
+        os.replace(stage, out)
+        return
+    previous = out / MANIFEST
+    ours: set[str] = set()
+    if previous.is_file():
+        with contextlib.suppress(json.JSONDecodeError, AttributeError):
+            ours = set(json.loads(previous.read_text()).get("files", []))
+    foreign = [name for name in written if (out / name).exists() and name not in ours]
+    if foreign:
+        raise UpcycleError(f"{out} already holds {foreign[0]}, which upcycle did not write: "
+                           "choose an empty output folder (--force only replaces upcycle's own files)")
+    for name in ours - set(written):
+        (out / name).unlink(missing_ok=True)
+    for name in [*written, MANIFEST]:
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / name, target)

@@ -1,0 +1,120 @@
+"""Causal Cross Domain Mixture of Experts (CDMoE) for Doge models.
+
+This single file is both part of the ``upcycle`` package and the remote code that
+ships inside every model folder upcycle writes (``auto_map`` in ``config.json``).
+It must therefore import nothing from ``upcycle`` itself: only torch, transformers
+and (optionally) einx.
+
+The block is transformers' ``DogeCDMoE`` with the same parameters
+(``gate_proj``/``up_proj``/``down_proj`` shared expert, ``router_gate``,
+``down_embed``, ``up_embed``) and one difference that matters: routing is computed
+per token. The stock module reshapes the router output with
+``view(2, bsz * seq_len, -1)``, which splits across tokens instead of into the two
+product-key halves, so a token's experts depend on other (including later) tokens.
+Here each token's logits are viewed as ``(2, num_keys)``, so routing is causal and
+a full forward equals token-by-token decoding.
+
+Top-k is exact product-key search: the best ``k`` sums ``x_i + y_j`` only use ``i``
+among the top ``k`` of ``x`` and ``j`` among the top ``k`` of ``y``, so we take the
+top ``k`` per half and then the top ``k`` of the ``k * k`` candidate sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.doge.configuration_doge import DogeConfig
+from transformers.models.doge.modeling_doge import DogeCDMoE, DogeForCausalLM
+
+try:  # einx is optional for remote-code users; the fallback is the same sum.
+    import einx
+
+    def _pair_sum(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return einx.add("n i, n j -> n (i j)", x, y)
+
+except ImportError:  # pragma: no cover - exercised only where einx is absent
+
+    def _pair_sum(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x.unsqueeze(-1) + y.unsqueeze(-2)).flatten(-2)
+
+
+ROUTED_PARAMETER_NAMES = ("router_gate", "down_embed", "up_embed")
+
+
+def num_keys_for(num_experts: int) -> int:
+    """Product-key count per half; ``num_experts`` must be a perfect square."""
+    keys = math.isqrt(num_experts)
+    if keys * keys != num_experts:
+        raise ValueError(f"num_experts={num_experts} is not a perfect square (try {keys * keys} or {(keys + 1) ** 2})")
+    return keys
+
+
+def route(
+    router_logits: torch.Tensor, num_keys: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact product-key top-k for per-token logits of shape ``(N, 2, num_keys)``.
+
+    Returns ``(scores, expert_indices)``, both ``(N, top_k)``, sorted by score.
+    """
+    half_k = min(top_k, num_keys)
+    half_scores, half_indices = router_logits.topk(half_k, dim=-1)  # (N, 2, half_k)
+    candidate_scores = _pair_sum(half_scores[:, 0], half_scores[:, 1])
+    candidate_indices = _pair_sum(half_indices[:, 0] * num_keys, half_indices[:, 1])
+    scores, position = candidate_scores.topk(top_k, dim=-1)
+    return scores, candidate_indices.gather(-1, position)
+
+
+class CausalCDMoE(DogeCDMoE):
+    """``DogeCDMoE`` with per-token (causal) routing and exact product-key top-k.
+
+    Parameters, names and shapes are those of the stock module, so state dicts
+    interchange. ``forward`` returns ``(hidden_states, router_logits)`` with
+    ``router_logits`` shaped ``(2, tokens, num_keys)`` like the stock module (half
+    first), so transformers' load-balancing loss can consume it unchanged.
+    """
+
+    def __init__(self, config: DogeConfig):
+        num_keys_for(config.num_experts)
+        super().__init__(config)
+
+    def routed_experts(self, flat_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert term for ``(N, hidden)`` states; returns it and ``(N, 2, keys)`` logits."""
+        router_logits = self.router_gate(flat_states).view(-1, 2, self.num_keys)
+        scores, indices = route(router_logits, self.num_keys, self.top_k)
+        routing_weights = F.softmax(scores, dim=-1, dtype=torch.float32)
+        if self.norm_topk_prob:
+            routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+        down = F.embedding(indices, self.down_embed.weight)  # (N, k, hidden)
+        expert_scores = torch.bmm(down, flat_states.unsqueeze(-1).to(down.dtype)).squeeze(-1)
+        weights = (self.act_fn(expert_scores) * routing_weights).to(self.up_embed.weight.dtype)
+        expert_states = F.embedding_bag(
+            indices, self.up_embed.weight, per_sample_weights=weights, mode="sum"
+        )
+        return expert_states, router_logits
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        expert_states, router_logits = self.routed_experts(flat)
+        shared = self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        output = shared + expert_states.view(shape).to(shared.dtype)
+        return output, router_logits.transpose(0, 1)
+
+
+class UpcycleDogeForCausalLM(DogeForCausalLM):
+    """``DogeForCausalLM`` whose MoE layers use :class:`CausalCDMoE`.
+
+    Loads any Doge checkpoint (dense or MoE) with no missing or unexpected keys.
+    """
+
+    def __init__(self, config: DogeConfig):
+        super().__init__(config)
+        if config.is_moe:
+            for layer in self.model.layers:
+                layer.mlp = CausalCDMoE(config).to(
+                    device=layer.mlp.gate_proj.weight.device, dtype=layer.mlp.gate_proj.weight.dtype
+                )
+            self.post_init()
