@@ -166,7 +166,7 @@ def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | No
         with tqdm(total=total, unit="B", unit_scale=True, desc="expand", disable=not progress) as bar:
             write_sharded(stage, plans, max_shard_size, on_bytes=bar.update)
         write_folder_extras(stage, raw, folder)
-        written = sum(f.stat().st_size for f in stage.iterdir() if f.is_file())
+    written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
 
     def count(names) -> int:
         return sum(math.prod(p.shape) for p in plans if p.name in names)

@@ -198,15 +198,25 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
 
     On any error the staging folder is removed and ``out`` is untouched.
     """
-    out = Path(out).expanduser()
+    out = Path(out).expanduser().absolute()
     check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as error:
+        raise UpcycleError(f"cannot write to {out.parent} ({error.strerror}): choose an output folder "
+                           "you can write to") from None
     try:
         yield stage
         publish(stage, out)
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:  # innermost first; only the empty folders this call made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def publish(stage: Path, out: Path) -> None:
