@@ -1,0 +1,183 @@
+"""``upcycle quickstart``: the whole loop on the embedded default, offline, in a few minutes.
+
+The shipped dense Doge (pretrained on Python documentation, domain A) grows CDMoE
+experts, only the experts train on standard-library Python source (domain B), and the
+run is merged and exported as an expert adapter. Held-out loss on both domains is
+measured before and after, so the gain on B and the forgetting on A are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from upcycle import assets
+from upcycle.errors import UpcycleError
+from upcycle.folder import check_output
+
+SEQ_LEN = 256
+PARTS = ("data", "moe", "run", "merged", "model", "adapter", "quickstart.json")
+
+
+@dataclass
+class QuickstartResult:
+    """Held-out losses (nats/token) before and after, and what was written where."""
+
+    out: Path
+    before: dict[str, float]
+    after: dict[str, float]
+    seconds: float
+    steps: int
+    trainable: int
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rows = [f"{'held-out loss':<34}{'before':>8}{'after':>8}{'change':>8}"]
+        for key, label in (("A", "A: Python docs (forgetting)"), ("B", "B: stdlib source (gain)")):
+            b, a = self.before[key], self.after[key]
+            rows.append(f"{label:<34}{b:>8.3f}{a:>8.3f}{a - b:>+8.3f}")
+        rows.append(f"trained {self.trainable:,} expert parameters for {self.steps} steps in {self.seconds:.0f} s")
+        rows += [f"{name:<10}{path}" for name, path in self.paths.items()]
+        return "\n".join(rows)
+
+
+def token_blocks(tokenizer, texts: list[str], max_blocks: int, seq_len: int = SEQ_LEN) -> torch.Tensor:
+    """Documents joined with EOS and cut into at most ``max_blocks`` blocks ``(n, seq_len)``."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= max_blocks * seq_len:
+            break
+    n = min(max_blocks, len(ids) // seq_len)
+    if n == 0:
+        raise UpcycleError(f"the held-out text has fewer than {seq_len} tokens: use more text")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats/token) of ``model`` on ``blocks``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        chunk = blocks[i:i + batch_size]
+        tokens = chunk[:, 1:].numel()
+        total += model(input_ids=chunk, labels=chunk).loss.float().item() * tokens
+        count += tokens
+    model.train(was_training)
+    return total / count
+
+
+def eval_sets(tokenizer, max_blocks: int) -> dict[str, torch.Tensor]:
+    """Held-out blocks: A from the shipped docs sample, B from held-out stdlib files."""
+    return {"A": token_blocks(tokenizer, assets.docs_documents("heldout"), max_blocks),
+            "B": token_blocks(tokenizer, assets.stdlib_documents("heldout"), max_blocks)}
+
+
+def write_jsonl(texts: list[str], path: Path) -> Path:
+    """One ``{"text": ...}`` per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for text in texts:
+            handle.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Refuse a non-empty OUT unless ``force``; with it, remove only what quickstart writes."""
+    check_output(out, force)
+    if force and out.is_dir():
+        for name in PARTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_experts: int = 1024,
+               experts_per_token: int = 8, max_steps: int = 300, batch_size: int = 8, lr: float = 3e-3,
+               train_bytes: int = 3_000_000, eval_blocks: int = 64, seed: int = 0, progress: bool = True,
+               echo: Callable[[str], None] = print) -> QuickstartResult:
+    """Expand the shipped dense Doge, train only its experts on stdlib code, merge, export an adapter."""
+    from transformers import AutoTokenizer
+
+    from upcycle.expand import expand
+    from upcycle.folder import load_model
+
+    start = time.time()
+    out = Path(out).expanduser()
+    prepare_out(out, force)
+    tokenizer = AutoTokenizer.from_pretrained(assets.DENSE_MODEL)
+    echo(f"[1/5] data: stdlib sources from {assets.STDLIB} (B), shipped Python docs sample (A)")
+    train_file = write_jsonl(assets.stdlib_documents("train", max_bytes=train_bytes), out / "data" / "stdlib-train.jsonl")
+    eval_file = write_jsonl(assets.stdlib_documents("heldout"), out / "data" / "stdlib-heldout.jsonl")
+    blocks = eval_sets(tokenizer, eval_blocks)
+
+    echo(f"[2/5] expand {assets.DENSE_MODEL.name}: {num_experts} experts per layer, {experts_per_token} per token")
+    expanded = expand(assets.DENSE_MODEL, num_experts=num_experts, experts_per_token=experts_per_token,
+                      out=out / "moe", seed=seed, dtype="float32", progress=progress)
+    before = evaluate(load_model(out / "moe"), blocks, progress)
+    echo(f"      held-out loss before: A {before['A']:.3f}  B {before['B']:.3f}")
+
+    echo(f"[3/5] continue-train the experts only: {max_steps} steps x {batch_size} x {SEQ_LEN} tokens")
+    run = train_experts(out, train_file, eval_file, max_steps, batch_size, lr, seed, progress)
+
+    echo("[4/5] merge the run into a model folder and export its expert adapter")
+    paths = merge_and_export(out, run)
+    after = evaluate(load_model(paths["merged"]), blocks, progress)
+    echo(f"      held-out loss after:  A {after['A']:.3f}  B {after['B']:.3f}")
+
+    result = QuickstartResult(out, before, after, time.time() - start, max_steps, expanded.trainable,
+                              {"data": out / "data", "moe": out / "moe", "run": run, **paths})
+    if not all(math.isfinite(v) for v in (*before.values(), *after.values())):
+        raise UpcycleError("a held-out loss is not finite: training diverged; lower --lr")
+    record = {"before": before, "after": after, "seconds": round(result.seconds, 1), "steps": max_steps,
+              "batch_size": batch_size, "seq_len": SEQ_LEN, "lr": lr, "num_experts": num_experts,
+              "experts_per_token": experts_per_token, "trainable": expanded.trainable, "eval_blocks": eval_blocks,
+              "paths": {k: str(v) for k, v in result.paths.items()}}
+    (out / "quickstart.json").write_text(json.dumps(record, indent=1) + "\n")
+    result.paths["summary"] = out / "quickstart.json"
+    echo("[5/5] done")
+    return result
+
+
+def evaluate(model: torch.nn.Module, blocks: dict[str, torch.Tensor], progress: bool) -> dict[str, float]:
+    """Held-out loss per domain."""
+    return {name: heldout_loss(model, b) for name, b in tqdm(blocks.items(), desc="eval", disable=not progress,
+                                                               leave=False)}
+
+
+def train_experts(out: Path, train_file: Path, eval_file: Path, max_steps: int, batch_size: int, lr: float,
+                  seed: int, progress: bool) -> Path:
+    """``continue_train`` of the experts of ``OUT/moe``; returns the run folder ``OUT/run``."""
+    from upcycle.recipe import resolve_config
+    from upcycle.train import continue_train
+
+    config = resolve_config(None, model=str(out / "moe"), data=[str(train_file)], eval_data=[str(eval_file)],
+                            output_dir=str(out / "run"), train="experts", max_steps=max_steps,
+                            batch_size=batch_size, seq_len=SEQ_LEN, lr=lr, warmup=0.05, decay=0.3,
+                            weight_decay=0.0, eval_every=0, eval_blocks=8, save_every=0, report_to="none",
+                            seed=seed)
+    return continue_train(config, progress=progress).run
+
+
+def merge_and_export(out: Path, run: Path) -> dict[str, Path]:
+    """Merge the run into ``OUT/merged``; export it (``OUT/model``) and its expert adapter (``OUT/adapter``)."""
+    from upcycle.export import export
+    from upcycle.merge import merge
+
+    merge(run, out / "merged")
+    export(out / "merged", out / "model", progress=False)
+    export(out / "merged", out / "adapter", adapter_only=True, base=assets.DENSE_MODEL, progress=False)
+    return {"merged": out / "merged", "model": out / "model", "adapter": out / "adapter"}
