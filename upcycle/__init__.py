@@ -20,6 +20,11 @@ _API = {
     "load_config": "upcycle.folder",
     "save_model": "upcycle.folder",
     "UpcycleError": "upcycle.errors",
+    "merge": "upcycle.merge",
+    "average": "upcycle.merge",
+    "export": "upcycle.export",
+    "export_adapter": "upcycle.adapter",
+    "load_with_adapter": "upcycle.adapter",
     "CausalCDMoE": "upcycle.modeling_upcycle_doge",
     "UpcycleDogeForCausalLM": "upcycle.modeling_upcycle_doge",
 }

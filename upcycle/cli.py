@@ -17,6 +17,8 @@ from upcycle.errors import UpcycleError
 
 VERBS = {
     "expand": "upcycle.commands.expand",
+    "merge": "upcycle.commands.merge",
+    "export": "upcycle.commands.export",
 }
 
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
-from upcycle.folder import read_config, resolve_source, staged_output, weight_files, write_folder_extras
+from upcycle.folder import check_output, read_config, resolve_source, staged_output, weight_files, write_folder_extras
 from upcycle.safetensors_stream import TensorPlan, scan, write_sharded
 
 SUMMARY = "training_summary.json"
@@ -252,6 +252,7 @@ def merge_lora(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
 def merge(src: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None,
           force: bool = False, max_shard_size: str | int = "2GB") -> MergeResult:
     """Fold a run (latest state) or one checkpoint into a standalone model folder ``out``."""
+    check_output(Path(out).expanduser().absolute(), force)
     checkpoint = find_checkpoint(src)
     base_folder = resolve_base(checkpoint, base)
     read_config(base_folder)
@@ -379,6 +380,7 @@ def average(sources: list[str | os.PathLike], out: str | os.PathLike, method: st
     if len(sources) < 2:
         raise UpcycleError("--average needs at least two models or checkpoints")
     coeffs = coefficients(method, len(sources), weights, ema_decay)
+    check_output(Path(out).expanduser().absolute(), force)
     opened = [open_source(s, base) for s in sources]
     check_same_shapes(opened)
     first = opened[0]

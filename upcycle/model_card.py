@@ -1,0 +1,104 @@
+"""The ``README.md`` model card written by ``upcycle export``: Hub metadata, training summary, usage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import yaml
+
+TAGS = ["doge", "moe", "sparse-upcycling", "upcycle", "custom_code"]
+
+
+@dataclass
+class CardInfo:
+    """What the card says; ``summary`` is a run's training_summary.json (may be empty)."""
+
+    name: str
+    repo: str
+    base_model: str | None
+    num_experts: int | None
+    experts_per_token: int | None
+    total_params: int
+    summary: dict = field(default_factory=dict)
+    license: str = "apache-2.0"
+    adapter: bool = False
+
+
+def metadata(info: CardInfo) -> dict:
+    meta: dict = {"license": info.license}
+    if info.base_model:
+        meta["base_model"] = info.base_model
+    meta.update(library_name="transformers", pipeline_tag="text-generation", tags=list(TAGS))
+    if info.adapter:
+        meta["tags"].append("adapter")
+    return meta
+
+
+def fmt(value: object) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def summary_table(info: CardInfo) -> str:
+    s = info.summary
+    rows = [
+        ("experts per layer", info.num_experts or s.get("num_experts")),
+        ("experts per token", info.experts_per_token or s.get("experts_per_token")),
+        ("trainable parameters", s.get("trainable_params")),
+        ("total parameters", s.get("total_params") or info.total_params),
+        ("trained", s.get("train")),
+        ("tokens seen", s.get("tokens_seen")),
+        ("steps", s.get("steps")),
+        ("final train loss", s.get("final_train_loss")),
+        ("final eval loss", s.get("final_eval_loss")),
+        ("recipe", s.get("recipe")),
+    ]
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def usage(info: CardInfo) -> str:
+    if info.adapter:
+        return f'''```python
+from transformers import AutoTokenizer
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+adapter = "{info.repo}"
+cls = get_class_from_dynamic_module("modeling_upcycle_doge.UpcycleDogeForCausalLM", adapter)
+model = cls.from_dense_and_adapter(adapter)  # loads the dense base named in adapter_config.json
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+inputs = tokenizer("def fibonacci(n):", return_tensors="pt")
+outputs = model.generate(**inputs, max_new_tokens=20)
+print(tokenizer.decode(outputs[0], skip_special_tokens=True))
+```'''
+    return f'''```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{info.repo}")
+model = AutoModelForCausalLM.from_pretrained("{info.repo}", trust_remote_code=True)
+inputs = tokenizer("def fibonacci(n):", return_tensors="pt")
+outputs = model.generate(**inputs, max_new_tokens=20)
+print(tokenizer.decode(outputs[0], skip_special_tokens=True))
+```'''
+
+
+def render(info: CardInfo) -> str:
+    """The full card: YAML front matter, description, training summary and a usage snippet."""
+    front = yaml.safe_dump(metadata(info), sort_keys=False).strip()
+    base = f" [{info.base_model}](https://huggingface.co/{info.base_model})" if info.base_model else " a dense Doge model"
+    what = ("An expert adapter: the CDMoE experts trained on" if info.adapter
+            else "A Doge model with CDMoE experts, sparsely upcycled from")
+    note = ("`trust_remote_code=True` loads upcycle's causal CDMoE routing (`modeling_upcycle_doge.py`); "
+            "without it transformers' own `DogeCDMoE` loads the same weights.")
+    if info.adapter:
+        note = ("Attach it to the dense base with the code below (no upcycle install needed); "
+                "pass `base=` to use a local copy of the base.")
+    return (f"---\n{front}\n---\n\n# {info.name}\n\n{what}{base} with "
+            f"upcycle (continual sparse upcycling): the dense weights are kept and only the "
+            f"new experts were trained.\n\n## Training summary\n\n{summary_table(info)}\n\n## Usage\n\n"
+            f"{usage(info)}\n\n{note}\n")
