@@ -1,0 +1,274 @@
+"""A training session: accelerator, model, optimizer, data and the run folder, plus save/resume/finish."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+
+from upcycle.checkpoint import RunFolder, load_tensors, read_state, rng_state, save_tensors
+from upcycle.data import DataSource, PackedStream, build_data, parse_source
+from upcycle.errors import UpcycleError
+from upcycle.folder import load_model, save_model
+from upcycle.recipe import DataSpec, TrainConfig, save_config
+from upcycle.trainable import (RouterLogits, base_name, build_optimizer, build_scheduler, is_expert,
+                               select_trainable, trainable_parameters)
+
+
+@dataclass
+class Session:
+    """Everything one run holds; ``step`` counts completed optimizer steps."""
+
+    config: TrainConfig
+    folder: Path
+    run: RunFolder
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: PackedStream
+    eval_blocks: torch.Tensor
+    trainable: list[torch.nn.Parameter]
+    plain_names: list[str]  # trainable non-LoRA parameter names (PEFT names when wrapped)
+    router: RouterLogits | None
+    step: int = 0
+    last_checkpoint: Path | None = None
+    saved: dict[str, Any] = field(default_factory=dict)  # data and RNG state at the start of the step
+
+    @property
+    def sharded(self) -> bool:
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    @property
+    def lora(self) -> bool:
+        return "lora" in self.config.train
+
+    def snapshot(self) -> None:
+        """Remember where the step starts, so an interrupted step can be redone after resume."""
+        self.saved = {"data": self.stream.state_dict(), "rng": rng_state()}
+
+    def state(self, train_loss: float | None, eval_loss: float | None) -> dict[str, Any]:
+        world = self.accelerator.num_processes
+        blocks = self.step * self.config.global_batch(world)
+        return {"step": self.step, "tokens_seen": blocks * self.config.seq_len, "blocks_consumed": blocks,
+                "train": self.config.train, "base_model": self.config.model,
+                "base_model_path": str(self.folder.resolve()), "world_size": world,
+                "train_loss": train_loss, "eval_loss": eval_loss}
+
+    def save_checkpoint(self, train_loss: float | None, eval_loss: float | None,
+                        data: dict | None = None, rng: dict | None = None) -> Path:
+        """Write RUN/checkpoint-STEP atomically (staged, then renamed); every process calls this."""
+        acc, run = self.accelerator, self.run.path
+        target, stage = run / f"checkpoint-{self.step}", run / f".checkpoint-{self.step}.tmp"
+        full = acc.get_state_dict(self.model)
+        if acc.is_main_process:
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(rng or rng_state(), stage / f"rng-{acc.process_index}.pt")
+        if self.sharded:
+            torch.save(self.optimizer.state_dict(), stage / f"optimizer-{acc.process_index}.pt")
+        if acc.is_main_process:
+            plain = {base_name(n): full[n] for n in self.plain_names}
+            if plain:
+                save_tensors(plain, stage / "trainable.safetensors")
+            if self.lora:
+                acc.unwrap_model(self.model).save_pretrained(stage / "adapter", state_dict=full)
+            if not self.sharded:
+                torch.save(self.optimizer.state_dict(), stage / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), stage / "scheduler.pt")
+            torch.save(data or self.stream.state_dict(), stage / "data.pt")
+            (stage / "state.json").write_text(json.dumps(self.state(train_loss, eval_loss), indent=1) + "\n")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if target.exists():
+                self.run.forget(target)
+            os.replace(stage, target)
+            self.run.record(target)
+            self.prune()
+        acc.wait_for_everyone()
+        self.last_checkpoint = target
+        return target
+
+    def save_interrupted(self) -> Path:
+        """Checkpoint the last completed step (the interrupted one is redone on resume)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{self.step}":
+            return self.last_checkpoint
+        return self.save_checkpoint(None, None, self.saved.get("data"), self.saved.get("rng"))
+
+    def prune(self) -> None:
+        keep = self.config.keep_checkpoints
+        for old in self.run.checkpoints()[:-keep] if keep else []:
+            self.run.forget(old)
+
+    def load_state(self, checkpoint: Path) -> None:
+        """Optimizer, scheduler, data position and step (after ``prepare``)."""
+        rank = self.accelerator.process_index
+        optimizer = checkpoint / (f"optimizer-{rank}.pt" if self.sharded else "optimizer.pt")
+        self.optimizer.load_state_dict(torch.load(optimizer, weights_only=False))
+        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        self.stream.load_state_dict(torch.load(checkpoint / "data.pt", weights_only=False))
+        self.step = read_state(checkpoint)["step"]
+        self.last_checkpoint = checkpoint
+        if self.accelerator.is_main_process:
+            trim_metrics(self.run.path / "metrics.jsonl", self.step)
+
+    def finish(self, train_loss: float | None, eval_loss: float | None, recipe: dict) -> None:
+        """Write RUN/final (LoRA merged), experts.safetensors, adapter/ and training_summary.json."""
+        acc, run = self.accelerator, self.run.path
+        full = acc.get_state_dict(self.model)
+        if acc.is_main_process:
+            unwrapped = acc.unwrap_model(self.model)
+            if self.lora:
+                unwrapped.save_pretrained(run / "adapter", state_dict=full)
+                self.run.record(run / "adapter")
+            final = final_model(self.folder, full, unwrapped.peft_config["default"] if self.lora else None)
+            if (run / "final").exists():
+                self.run.forget(run / "final")
+            save_model(final, run / "final", source=self.folder)
+            experts = {k: v for k, v in final.state_dict().items() if is_expert(k)}
+            if experts:
+                save_tensors(experts, run / "experts.safetensors")
+            summary = self.summary(final, train_loss, eval_loss, recipe)
+            for path in (run / "training_summary.json", run / "final" / "training_summary.json"):
+                path.write_text(json.dumps(summary, indent=1) + "\n")
+            self.run.record(*(p for p in run.iterdir() if p.name != self.run.manifest.name))
+        acc.wait_for_everyone()
+
+    def summary(self, final: torch.nn.Module, train_loss, eval_loss, recipe: dict) -> dict[str, Any]:
+        config = final.config
+        state = self.state(train_loss, eval_loss)
+        return {"base_model": self.config.model, "base_model_path": state["base_model_path"],
+                "num_experts": config.num_experts if config.is_moe else 0,
+                "experts_per_token": config.num_experts_per_tok if config.is_moe else 0,
+                "train": self.config.train, "trainable_params": sum(p.numel() for p in self.trainable),
+                "total_params": sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()),
+                "tokens_seen": state["tokens_seen"], "steps": self.step, "final_train_loss": train_loss,
+                "final_eval_loss": eval_loss, "recipe": recipe}
+
+
+def final_model(folder: Path, full: dict[str, torch.Tensor], lora_config) -> torch.nn.Module:
+    """A fresh copy of MODEL in its own dtype holding the trained state; LoRA merged in."""
+    model = load_model(folder)
+    dtype = next(model.parameters()).dtype
+    model.float()
+    if lora_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config)
+        model.load_state_dict(full, strict=True)
+        model = model.merge_and_unload()
+    else:
+        model.load_state_dict(full, strict=True)
+    return model.to(dtype)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics rows after ``step`` (written before an interruption, redone on resume)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+
+def sources(specs: list[DataSpec]) -> list[DataSource]:
+    out = []
+    for spec in specs:
+        if isinstance(spec, str):
+            out.append(parse_source(spec))
+            continue
+        try:
+            out.append(DataSource(**spec))
+        except TypeError:
+            names = [f.name for f in dataclasses.fields(DataSource)]
+            raise UpcycleError(f"data entry {spec} has unknown keys: use {', '.join(names)}") from None
+    return out
+
+
+def trackers(report_to: str) -> list[str]:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    wanted = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
+    if wanted == ["auto"]:
+        return ["tensorboard"] if is_tensorboard_available() else []
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    for name in wanted:
+        if name not in available:
+            raise UpcycleError(f"report_to {name!r} is not one of auto, none, tensorboard, wandb")
+        if not available[name]:
+            raise UpcycleError(f"report_to {name} needs the {name} package: pip install {name}")
+    return wanted
+
+
+def make_accelerator(config: TrainConfig, run: Path) -> Accelerator:
+    mixed = "bf16" if config.bf16 and torch.cuda.is_available() else "no"
+    project = ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "logs"))
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum,
+                      log_with=trackers(config.report_to) or None, project_config=project)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    return acc
+
+
+def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: Path | None) -> Session:
+    """Load data and model, choose what trains, restore ``checkpoint``, prepare the run folder."""
+    from transformers import AutoTokenizer
+
+    acc = make_accelerator(config, run.path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    stream, eval_blocks = build_data(sources(config.data), tokenizer, config.seq_len,
+                                     eval_sources=sources(config.eval_data) or None, eval_blocks=config.eval_blocks,
+                                     seed=config.seed, streaming=config.streaming)
+    set_seed(config.seed)
+    model = load_model(folder, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    router = RouterLogits(model) if config.balance_coef > 0 and model.config.is_moe else None
+    model = select_trainable(model, config)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    trainable = trainable_parameters(model)
+    plain_names = [n for n in trainable if "lora_" not in n]
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    acc.wait_for_everyone()  # every process has checked RUN before the main one writes there
+    if acc.is_main_process:
+        if checkpoint is None:
+            run.clear()
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.path / "config.yaml")
+        run.record(run.path / "config.yaml")
+    acc.wait_for_everyone()
+    model, optimizer = acc.prepare(model, optimizer)
+    session = Session(config, folder, run, acc, model, optimizer, scheduler, stream, eval_blocks,
+                      list(trainable.values()), plain_names, router)
+    if checkpoint is not None:
+        session.load_state(checkpoint)
+    hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in
+               dataclasses.asdict(config).items()}
+    acc.init_trackers("upcycle", config=hparams)
+    return session
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Copy the checkpoint's trainable tensors (and LoRA adapter) into the model, before ``prepare``."""
+    params = {base_name(n): p for n, p in model.named_parameters()}
+    plain = checkpoint / "trainable.safetensors"
+    for name, tensor in (load_tensors(plain) if plain.is_file() else {}).items():
+        if name not in params:
+            raise UpcycleError(f"{plain} holds {name}, which the model lacks: resume with the same MODEL")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+    adapter = checkpoint / "adapter" / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_tensors(adapter))
