@@ -139,6 +139,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike | None = None, repo_
         raise UpcycleError("pass -o OUT (the folder to write), or --dry-run to only list the files")
     if out is not None and not dry_run:
         check_output(Path(out).expanduser().absolute(), force)
+    if push and not dry_run:
+        check_can_push()
     with tempfile.TemporaryDirectory(prefix="upcycle-export-") as tmp:
         folder, summary = resolve_model(model, None if adapter_only else base, Path(tmp))
         name = (repo_id or str(out or folder.name)).rstrip("/").split("/")[-1]
@@ -173,6 +175,16 @@ def transport_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(classes)
+
+
+def check_can_push() -> None:
+    """Fail before writing anything when an upload cannot work: offline mode or no token."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise UpcycleError("HF_HUB_OFFLINE is set: unset it to --push")
+    if not get_token():
+        raise UpcycleError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with write access)")
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = False, revision: str | None = None) -> str:
