@@ -174,6 +174,8 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
     previous run, deleting only files upcycle wrote there.
     """
     validate(config)
+    if not progress:
+        quiet_libraries()
     folder = check_model(config)
     checkpoint = None
     if resume:
@@ -191,6 +193,15 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
         return train_session(session, checkpoint, progress)
     finally:
         session.accelerator.end_training()
+
+
+def quiet_libraries() -> None:
+    """Silence the progress bars of datasets and transformers (loading, shard writing)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def check_resumable(state: dict, config: TrainConfig, folder: Path) -> None:
