@@ -20,6 +20,8 @@ _API = {
     "load_config": "upcycle.folder",
     "save_model": "upcycle.folder",
     "UpcycleError": "upcycle.errors",
+    "continue_train": "upcycle.train",
+    "TrainConfig": "upcycle.recipe",
     "merge": "upcycle.merge",
     "average": "upcycle.merge",
     "export": "upcycle.export",

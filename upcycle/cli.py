@@ -17,6 +17,7 @@ from upcycle.errors import UpcycleError
 
 VERBS = {
     "expand": "upcycle.commands.expand",
+    "continue-train": "upcycle.commands.continue_train",
     "merge": "upcycle.commands.merge",
     "export": "upcycle.commands.export",
 }
