@@ -32,7 +32,7 @@ def make_run(root: Path, base: Path, steps=(10, 20), lora: bool = False, finishe
     run = root / "run"
     run.mkdir(parents=True)
     recorded = record_base or str(base)
-    (run / "config.yaml").write_text(f"base_model: {recorded}\nrecipe: test-recipe\n")
+    (run / "config.yaml").write_text(f"base_model: {recorded}\nrecipe: test-recipe\ntrain: experts\nlr: 0.01\n")
     rows = []
     for i, step in enumerate(steps):
         ckpt = run / f"checkpoint-{step}"
@@ -104,7 +104,7 @@ def test_merge_run_uses_latest_checkpoint(tmp_path, moe_folder, run_cli):
     assert (logits(merged) - logits(older)).abs().max() > 1e-3
     summary = json.loads((tmp_path / "merged" / "training_summary.json").read_text())
     assert summary["tokens_seen"] == 20 * 512 and summary["final_eval_loss"] == pytest.approx(2.9)
-    assert summary["num_experts"] == 64 and summary["recipe"] == "test-recipe"
+    assert summary["num_experts"] == 64 and summary["recipe"]["lr"] == 0.01
     assert (tmp_path / "merged" / "modeling_upcycle_doge.py").is_file()
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
 
@@ -221,3 +221,20 @@ def test_out_exists_without_force(tmp_path, moe_folder, run_cli):
     code, _, stderr = run_cli("merge", run, "-o", out)
     assert code != 0 and stderr.startswith("error: ") and "--force" in stderr and stderr.count("\n") == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_end_to_end_through_the_trainer(tmp_path, moe_folder, code_text_dir, run_cli):
+    """continue-train (experts + LoRA) -> merge RUN equals the trainer's own final/ model."""
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
+    run = tmp_path / "run"
+    code, _, stderr = run_cli("continue-train", moe_folder, "--recipe", recipe, "--data", code_text_dir, "-o", run,
+                              "--no-progress", "--max-steps", "4", "--save-every", "2", "--eval-every", "2",
+                              "--train", "experts+lora", "--lora-r", "4")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("merge", run, "-o", tmp_path / "merged")
+    assert code == 0, stderr
+    final, merged = load_model(run / "final"), load_model(tmp_path / "merged")
+    assert (logits(merged) - logits(final)).abs().max() <= TOL
+    assert (logits(merged) - logits(load_model(moe_folder))).abs().max() > 1e-4
+    code, _, stderr = run_cli("merge", run / "checkpoint-2", "-o", tmp_path / "merged-2")
+    assert code == 0, stderr

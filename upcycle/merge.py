@@ -91,7 +91,7 @@ class Checkpoint:
 
     path: Path
     run: Path | None
-    tensors: Path | None
+    tensors: list[Path]
     adapter: Path | None
     state: dict = field(default_factory=dict)
     final: bool = False
@@ -105,7 +105,9 @@ def read_json(path: Path) -> dict:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / "trainable.safetensors").is_file() or (path / "adapter" / "adapter_config.json").is_file()
+    """A checkpoint-STEP folder (a finished RUN also holds adapter/, but no state.json)."""
+    lora_only = (path / "adapter" / "adapter_config.json").is_file() and (path / "state.json").is_file()
+    return (path / "trainable.safetensors").is_file() or lora_only
 
 
 def checkpoints_of(run: Path) -> list[Path]:
@@ -125,7 +127,10 @@ def find_checkpoint(src: str | os.PathLike) -> Checkpoint:
         return Checkpoint(path, run, optional(path / "trainable.safetensors"), optional_adapter(path), state)
     if (path / "experts.safetensors").is_file():
         summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
-        return Checkpoint(path, path, path / "experts.safetensors", optional_adapter(path), summary, final=True)
+        if summary.get("train") not in (None, "experts", "experts+lora", "lora") and (path / "final").is_dir():
+            # dense tensors trained too: experts.safetensors is not enough, take every tensor of final/
+            return Checkpoint(path, path, weight_files(path / "final"), None, summary, final=True)
+        return Checkpoint(path, path, [path / "experts.safetensors"], optional_adapter(path), summary, final=True)
     found = checkpoints_of(path)
     if not found:
         if (path / "config.json").is_file():
@@ -138,8 +143,8 @@ def find_checkpoint(src: str | os.PathLike) -> Checkpoint:
     return Checkpoint(latest, path, optional(latest / "trainable.safetensors"), optional_adapter(latest), state)
 
 
-def optional(path: Path) -> Path | None:
-    return path if path.is_file() else None
+def optional(path: Path) -> list[Path]:
+    return [path] if path.is_file() else []
 
 
 def optional_adapter(folder: Path) -> Path | None:
@@ -215,8 +220,8 @@ def fold_model(checkpoint: Checkpoint, base_folder: Path) -> torch.nn.Module:
     from upcycle.folder import load_model
 
     model = load_model(base_folder)
-    if checkpoint.tensors is not None:
-        overlay(model, read_tensors(checkpoint.tensors), checkpoint.tensors)
+    for file in checkpoint.tensors:
+        overlay(model, read_tensors(file), file)
     if checkpoint.adapter is not None:
         model = merge_lora(model, checkpoint.adapter)
     return model
@@ -263,7 +268,7 @@ def merge(src: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLik
         config = json.loads((stage / "config.json").read_text())
         write_folder_extras(stage, config, base_folder)
         (stage / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    parts = [p for p in (checkpoint.tensors, checkpoint.adapter) if p is not None]
+    parts = [*checkpoint.tensors, *([checkpoint.adapter] if checkpoint.adapter else [])]
     detail = "folded " + " + ".join(str(p) for p in parts) + f" into {base_folder}"
     return MergeResult(Path(out), [str(p) for p in parts], detail)
 
@@ -274,7 +279,7 @@ def run_summary(checkpoint: Checkpoint, model: torch.nn.Module, base: str | os.P
     if checkpoint.final and run is not None and (run / SUMMARY).is_file():
         return read_json(run / SUMMARY)
     state, config = checkpoint.state, model.config
-    trainable = sum(t.numel() for t in read_tensors(checkpoint.tensors).values()) if checkpoint.tensors else 0
+    trainable = sum(t.numel() for f in checkpoint.tensors for t in read_tensors(f).values())
     if checkpoint.adapter is not None and (checkpoint.adapter / "adapter_model.safetensors").is_file():
         trainable += sum(t.numel() for t in read_tensors(checkpoint.adapter / "adapter_model.safetensors").values())
     recipe = read_yaml(run / "config.yaml") if run is not None and (run / "config.yaml").is_file() else {}
@@ -289,7 +294,7 @@ def run_summary(checkpoint: Checkpoint, model: torch.nn.Module, base: str | os.P
         "steps": state.get("step"),
         "final_train_loss": state.get("train_loss"),
         "final_eval_loss": state.get("eval_loss"),
-        "recipe": recipe.get("recipe") if isinstance(recipe.get("recipe"), str) else None,
+        "recipe": recipe or None,
         "checkpoint": checkpoint.path.name,
     }
 
@@ -322,15 +327,14 @@ def checkpoint_source(path: Path, base: str | os.PathLike | None) -> TensorSourc
         source.tensors = {n: (state[n].dtype, tuple(state[n].shape), lambda n=n: state[n]) for n in source.tensors}
         return source
     source = model_source(base_folder, str(path))
-    if checkpoint.tensors is not None:
-        with safe_open(checkpoint.tensors, framework="pt") as handle:
+    for file in checkpoint.tensors:
+        with safe_open(file, framework="pt") as handle:
             names = list(handle.keys())
         for name in names:
             if name not in source.tensors:
-                raise UpcycleError(f"{checkpoint.tensors} holds {name}, which the base {base_folder} lacks: "
-                                   "pass --base MODEL")
+                raise UpcycleError(f"{file} holds {name}, which the base {base_folder} lacks: pass --base MODEL")
             dtype, shape, _ = source.tensors[name]
-            source.tensors[name] = (dtype, shape, lambda n=name, f=checkpoint.tensors: read_one(f, n))
+            source.tensors[name] = (dtype, shape, lambda n=name, f=file: read_one(f, n))
     return source
 
 

@@ -44,6 +44,16 @@ def fmt(value: object) -> str:
     return str(value)
 
 
+def recipe_text(recipe: object) -> object:
+    """A run's resolved config (a dict) as one short line; a name stays as is."""
+    if not isinstance(recipe, dict):
+        return recipe
+    keys = ("recipe", "train", "lr", "max_steps", "batch_size", "grad_accum", "seq_len", "warmup", "decay",
+            "decay_shape", "weight_decay", "balance_coef", "lora_r")
+    shown = [f"{k}={recipe[k]}" for k in keys if recipe.get(k) is not None and not isinstance(recipe[k], (dict, list))]
+    return "`" + ", ".join(shown) + "`" if shown else None
+
+
 def summary_table(info: CardInfo) -> str:
     s = info.summary
     rows = [
@@ -56,7 +66,7 @@ def summary_table(info: CardInfo) -> str:
         ("steps", s.get("steps")),
         ("final train loss", s.get("final_train_loss")),
         ("final eval loss", s.get("final_eval_loss")),
-        ("recipe", s.get("recipe")),
+        ("recipe", recipe_text(s.get("recipe"))),
     ]
     lines = ["| | |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in rows]
     return "\n".join(lines)
