@@ -62,7 +62,8 @@ def test_model_card_metadata_and_summary(exported):
     summary = json.loads((exported / "training_summary.json").read_text())
     assert summary["tokens_seen"] == 8 * 512
     for row in ("| experts per layer | 64 |", "| experts per token | 4 |", "| tokens seen | 4,096 |",
-                f"| final eval loss | {summary['final_eval_loss']:.4f} |", "| recipe | `recipe=test-recipe, train=experts, lr=0.01` |",
+                f"| final eval loss | {summary['final_eval_loss']:.4f} |",
+                "| recipe | `recipe=test-recipe, train=experts, lr=0.01` |",
                 f"| trainable parameters | {summary['trainable_params']:,} |",
                 f"| total parameters | {summary['total_params']:,} |"):
         assert row in body, row
