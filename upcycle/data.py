@@ -10,6 +10,7 @@ document) is a few integers; resuming re-reads, without tokenizing, up to that p
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterable, Iterator
@@ -121,18 +122,21 @@ def _shuffled(items: Iterable, rng: random.Random, buffer: int) -> Iterator:
 class _Source:
     """One source's documents, epoch after epoch, as a resumable token stream."""
 
-    def __init__(self, name: str, texts: list[Iterable[str]], tokenizer, seed: int, buffer: int):
+    def __init__(self, name: str, texts: list[Iterable[str]], tokenizer, seed: str, buffer: int):
         self.name, self.texts, self.tokenizer, self.seed, self.buffer = name, texts, tokenizer, seed, buffer
         self.exclude: set[int] = set()
         self.epoch, self.docs, self.offset = 0, 0, 0
         self._docs: Iterator[str] | None = None
         self._tokens: list[int] = []
 
-    def documents(self, epoch: int) -> Iterator[str]:
-        """Non-empty documents of ``epoch`` in shuffled order, held-out ones left out."""
-        numbered = ((i, t) for i, t in enumerate(t for texts in self.texts for t in texts) if t)
-        kept = ((i, t) for i, t in numbered if i not in self.exclude)
-        return _shuffled(kept, random.Random(f"{self.seed}/{self.name}/{epoch}"), self.buffer)
+    def numbered(self) -> Iterator[tuple[int, str]]:
+        """``(index, text)`` of the non-empty documents in stored order."""
+        return ((i, t) for i, t in enumerate(t for texts in self.texts for t in texts) if t)
+
+    def documents(self, epoch: int) -> Iterator[tuple[int, str]]:
+        """Documents of ``epoch`` in shuffled order, held-out ones left out."""
+        kept = ((i, t) for i, t in self.numbered() if i not in self.exclude)
+        return _shuffled(kept, random.Random(f"{self.seed}/{epoch}"), self.buffer)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [self.tokenizer.eos_token_id]
@@ -147,9 +151,8 @@ class _Source:
             if self.offset == len(self._tokens):
                 text = next(self._docs, None)
                 if text is None:
-                    if self.docs == 0:
-                        raise UpcycleError(f"data source {self.name} has no training documents: "
-                                           "add data or pass separate eval data")
+                    if self.docs == 0:  # unreachable after build_data's checks, unless files changed
+                        raise UpcycleError(f"data source {self.name} has no training documents: add data")
                     self.epoch, self.docs = self.epoch + 1, 0
                     self._docs = (t for _, t in self.documents(self.epoch))
                     continue
@@ -189,9 +192,8 @@ class PackedStream:
                             for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
-        names = [s["name"] for s in state["sources"]]
-        if (state["seq_len"], state["seed"], names) != (self.seq_len, self.seed, [s.name for s in self.sources]):
-            raise UpcycleError("the saved data position is for other data, seq_len or seed: resume with the same ones")
+        if (state["seq_len"], state["seed"], len(state["sources"])) != (self.seq_len, self.seed, len(self.sources)):
+            raise UpcycleError("the saved data position is for other sources, seq_len or seed: resume with the same ones")
         self.blocks = state["blocks"]
         for src, s in zip(self.sources, state["sources"]):
             src.epoch, src.docs, src.offset, src._docs = s["epoch"], s["docs"], s["offset"], None
@@ -221,6 +223,9 @@ def _eval_blocks(src: _Source, n: int, seq_len: int, hold_out: bool) -> list[lis
         tokens += src.encode(text)
         if hold_out:
             src.exclude.add(index)
+    if hold_out and all(i in src.exclude for i, _ in itertools.islice(src.numbered(), len(src.exclude) + 1)):
+        raise UpcycleError(f"data source {src.name} has no documents left after holding out {n} eval blocks: "
+                           "pass eval data or lower the eval block count")
     whole = len(tokens) // seq_len
     return [tokens[i * seq_len:(i + 1) * seq_len] for i in range(min(n, whole))]
 
@@ -235,7 +240,7 @@ def _sources(specs: list[DataSource], tokenizer, seed: int, streaming: bool, cac
         texts = _load(spec, streaming, cache_dir)
         if not any(t for collection in texts for t in collection):
             raise UpcycleError(f"data source {spec.path} has no text: pass a source with non-empty documents")
-        out.append(_Source(f"{i}:{spec.path}", texts, tokenizer, seed, buffer))
+        out.append(_Source(spec.path, texts, tokenizer, f"{seed}/{i}", buffer))
     return out
 
 
