@@ -230,7 +230,7 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
     set_seed(config.seed)
     model = load_model(folder, dtype=torch.float32)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     router = RouterLogits(model) if config.balance_coef > 0 and model.config.is_moe else None
     model = select_trainable(model, config)
     if checkpoint is not None:
