@@ -10,6 +10,8 @@ The Python API mirrors the CLI verbs::
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ _API = {
     "export": "upcycle.export",
     "export_adapter": "upcycle.adapter",
     "load_with_adapter": "upcycle.adapter",
+    "quickstart": "upcycle.quickstart",
     "CausalCDMoE": "upcycle.modeling_upcycle_doge",
     "UpcycleDogeForCausalLM": "upcycle.modeling_upcycle_doge",
 }
@@ -34,8 +37,28 @@ _API = {
 __all__ = sorted(_API)
 
 
+def _api_member(name: str) -> Any:
+    return getattr(importlib.import_module(_API[name]), name)
+
+
+class _Package(types.ModuleType):
+    """Keeps ``upcycle.expand`` (and the other verbs) the function, not the same-named submodule.
+
+    Importing ``upcycle.expand`` sets the package attribute to the submodule; this
+    class resolves API names first so ``upcycle.expand(...)`` always works.
+    """
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _API:
+            return _api_member(name)
+        return super().__getattribute__(name)
+
+
 def __getattr__(name: str) -> Any:
     """Import API members lazily so ``import upcycle`` stays cheap."""
     if name not in _API:
         raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
-    return getattr(importlib.import_module(_API[name]), name)
+    return _api_member(name)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
 from upcycle.folder import parse_dtype, read_config, resolve_source, staged_output, weight_files, write_folder_extras
-from upcycle.modeling_upcycle_doge import ROUTED_PARAMETER_NAMES
 from upcycle.safetensors_stream import SourceTensor, TensorPlan, scan, write_sharded
 
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PARTS = ("router_gate", "down_embed", "up_embed")  # CausalCDMoE's new parameters
 
 
 @dataclass
@@ -109,7 +109,7 @@ def plan_tensors(source: dict[str, SourceTensor], config, num_experts: int, dtyp
                                 torch.float32)
     shapes = {"router_gate": (2 * keys, hidden), "down_embed": (num_experts, hidden), "up_embed": (num_experts, hidden)}
     for layer in range(config.num_hidden_layers):
-        for part in ROUTED_PARAMETER_NAMES:
+        for part in EXPERT_PARTS:
             name = f"model.layers.{layer}.mlp.{part}.weight"
             plans.append(TensorPlan(name, float_dtype, shapes[part],
                                     lambda n=name, s=shapes[part]: new_tensor(n, s, config.initializer_range, seed)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,7 +26,6 @@ import torch
 from transformers import DogeConfig
 
 from upcycle.errors import UpcycleError
-from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM, num_keys_for
 
 MODELING_FILE = Path(__file__).with_name("modeling_upcycle_doge.py")
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_upcycle_doge.UpcycleDogeForCausalLM"}
@@ -91,8 +91,8 @@ def read_config(folder: Path) -> DogeConfig:
         config = DogeConfig.from_dict({k: v for k, v in raw.items() if k != "transformers_version"})
     except Exception as error:
         raise UpcycleError(f"{config_file} is not a valid Doge config ({error})") from None
-    if config.is_moe:
-        num_keys_for(config.num_experts)
+    if config.is_moe and math.isqrt(config.num_experts) ** 2 != config.num_experts:
+        raise UpcycleError(f"{config_file}: num_experts={config.num_experts} is not a perfect square")
     return config
 
 
@@ -118,8 +118,10 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def load_model(src: str | os.PathLike, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = None) -> UpcycleDogeForCausalLM:
-    """Load any Doge folder (dense or MoE) with upcycle's causal CDMoE."""
+               device: str | torch.device | None = None) -> torch.nn.Module:
+    """Load any Doge folder (dense or MoE) as ``UpcycleDogeForCausalLM`` (causal CDMoE)."""
+    from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM  # heavy: transformers modeling
+
     folder = resolve_source(src)
     read_config(folder)
     weight_files(folder)
