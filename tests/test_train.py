@@ -55,7 +55,7 @@ def test_trains_experts_only_and_lowers_heldout_loss(run_cli, moe_folder, code_t
     rows = metrics(run)
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 20, 40]
-    assert evals[-1] < evals[0] - 0.05, evals
+    assert evals[-1] < evals[0] - 0.02, evals
     before, after = weights(moe_folder), weights(run / "final")
     assert before.keys() == after.keys()
     frozen = [k for k in before if not k.endswith(EXPERT_SUFFIXES)]

@@ -151,6 +151,7 @@ def run_loop(session: Session, progress: bool) -> tuple[float | None, float | No
             lr = session.scheduler.get_last_lr()[0]
             train_loss, norm = train_step(session, blocks)
             session.step += 1
+            session.saved = {}  # at a step boundary: an interrupt saves the live state
             speed = tokens_per_step / max(time.perf_counter() - started, 1e-9)
             if session.step % config.log_every == 0 or session.step == config.max_steps:
                 log_row(session, {"step": session.step, "loss": train_loss, "lr": lr,
@@ -180,10 +181,11 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
     checkpoint = None
     if resume:
         run_hint = Path(config.output_dir) if config.output_dir else None
-        checkpoint = find_checkpoint(run_hint or default_run(config.model, config.train), resume) \
-            if resume == "latest" else find_checkpoint(Path(), resume)
+        checkpoint = find_checkpoint(run_hint or default_run(config.model, config.train), resume)
         run = run_hint or checkpoint.parent
         check_resumable(read_state(checkpoint), config, folder)
+        if run.resolve() != checkpoint.parent.resolve():
+            RunFolder(run).check_fresh(force)
     else:
         run = Path(config.output_dir) if config.output_dir else default_run(config.model, config.train)
         RunFolder(run).check_fresh(force)

@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from upcycle.errors import UpcycleError
 from upcycle.modeling_upcycle_doge import ROUTED_PARAMETER_NAMES, CausalCDMoE
 from upcycle.recipe import TrainConfig
 
@@ -26,11 +25,11 @@ def base_name(name: str) -> str:
 
 
 def select_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """Freeze all but the ``config.train`` tensors; wrap with LoRA when asked. Returns the model to train."""
+    """Freeze all but the ``config.train`` tensors; wrap with LoRA when asked. Returns the model to train.
+
+    ``experts`` modes need an MoE model (``train.check_model`` rejects dense ones first).
+    """
     mode = config.train
-    if mode in ("experts", "experts+lora") and not model.config.is_moe:
-        raise UpcycleError(f"{config.model} is a dense model: --train {mode} needs experts; "
-                           "run `upcycle expand` first (or use --train lora / all)")
     for name, param in model.named_parameters():
         param.requires_grad_(mode == "all" or (mode.startswith("experts") and is_expert(name)))
     if "lora" in mode:
