@@ -107,12 +107,16 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(run_cli, moe_folder
     run = tmp_path / "run"
     fail_at(monkeypatch, 3, None)
     code, _, err = run_cli(*args(moe_folder, code_text_dir, run, "--max-steps", 6, "--save-every", 2,
-                                 "--eval-every", 0, "--batch-size", 2))
+                                 "--eval-every", 0, "--batch-size", 2, "--report-to", "auto"))
     assert code == 2 and "non-finite loss" in err and "checkpoint-2" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (run / "final").exists()
     saved = load_file(run / "checkpoint-2" / "trainable.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
+    monkeypatch.undo()
+    code, _, err = run_cli(*args(moe_folder, code_text_dir, run, "--max-steps", 1, "--eval-every", 0, "--force",
+                                 "--report-to", "auto"))
+    assert code == 0, err  # every file the failed run left is in its manifest
 
 
 def test_lora_modes(run_cli, moe_folder, dense_folder, code_text_dir, tmp_path):

@@ -245,7 +245,8 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
             run.clear()
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(config, run.path / "config.yaml")
-        run.record(run.path / "config.yaml")
+        (run.path / "metrics.jsonl").touch()
+        run.record(run.path / "config.yaml", run.path / "metrics.jsonl")
     acc.wait_for_everyone()
     model, optimizer = acc.prepare(model, optimizer)
     session = Session(config, folder, run, acc, model, optimizer, scheduler, stream, eval_blocks,

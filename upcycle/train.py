@@ -230,6 +230,10 @@ def train_session(session: Session, checkpoint: Path | None, progress: bool) -> 
         if acc.is_main_process:
             print(f"interrupted after step {session.step}: saved {path}; continue with --resume", file=sys.stderr)
         raise
+    finally:
+        logs = session.run.path / "logs"
+        if acc.is_main_process and logs.is_dir():
+            session.run.record(logs)
     session.finish(train_loss, eval_loss, asdict(config))
     tokens = session.step * config.global_batch(acc.num_processes) * config.seq_len
     return TrainResult(session.run.path, session.step, tokens, initial_eval, train_loss, eval_loss)
