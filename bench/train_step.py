@@ -157,7 +157,7 @@ def hardware(device: str) -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
         name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
     return (f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start")
 
 
 def table(times: dict, module_times: dict, mem: dict) -> str:
