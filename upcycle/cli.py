@@ -20,6 +20,7 @@ VERBS = {
     "continue-train": "upcycle.commands.continue_train",
     "merge": "upcycle.commands.merge",
     "export": "upcycle.commands.export",
+    "quickstart": "upcycle.commands.quickstart",
 }
 
 

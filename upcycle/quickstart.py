@@ -24,7 +24,7 @@ from upcycle.errors import UpcycleError
 from upcycle.folder import check_output
 
 SEQ_LEN = 256
-PARTS = ("data", "moe", "run", "merged", "model", "adapter", "quickstart.json")
+PARTS = ("data", "moe", "run", "model", "adapter", "quickstart.json")
 
 
 @dataclass
@@ -118,6 +118,7 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
     start = time.time()
     out = Path(out).expanduser()
     prepare_out(out, force)
+    quiet_libraries()
     tokenizer = AutoTokenizer.from_pretrained(assets.DENSE_MODEL)
     echo(f"[1/5] data: stdlib sources from {assets.STDLIB} (B), shipped Python docs sample (A)")
     train_file = write_jsonl(assets.stdlib_documents("train", max_bytes=train_bytes), out / "data" / "stdlib-train.jsonl")
@@ -133,9 +134,9 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
     echo(f"[3/5] continue-train the experts only: {max_steps} steps x {batch_size} x {SEQ_LEN} tokens")
     run = train_experts(out, train_file, eval_file, max_steps, batch_size, lr, seed, progress)
 
-    echo("[4/5] merge the run into a model folder and export its expert adapter")
+    echo("[4/5] merge the run; export the model and its expert adapter")
     paths = merge_and_export(out, run)
-    after = evaluate(load_model(paths["merged"]), blocks, progress)
+    after = evaluate(load_model(paths["model"]), blocks, progress)
     echo(f"      held-out loss after:  A {after['A']:.3f}  B {after['B']:.3f}")
 
     result = QuickstartResult(out, before, after, time.time() - start, max_steps, expanded.trainable,
@@ -173,11 +174,25 @@ def train_experts(out: Path, train_file: Path, eval_file: Path, max_steps: int, 
 
 
 def merge_and_export(out: Path, run: Path) -> dict[str, Path]:
-    """Merge the run into ``OUT/merged``; export it (``OUT/model``) and its expert adapter (``OUT/adapter``)."""
+    """Merge the run; export the merged model (``OUT/model``) and its expert adapter (``OUT/adapter``)."""
+    import tempfile
+
     from upcycle.export import export
     from upcycle.merge import merge
 
-    merge(run, out / "merged")
-    export(out / "merged", out / "model", progress=False)
-    export(out / "merged", out / "adapter", adapter_only=True, base=assets.DENSE_MODEL, progress=False)
-    return {"merged": out / "merged", "model": out / "model", "adapter": out / "adapter"}
+    with tempfile.TemporaryDirectory(prefix=".merged-", dir=out) as tmp:
+        merge(run, Path(tmp) / "merged")
+        export(Path(tmp) / "merged", out / "model", progress=False)
+        export(Path(tmp) / "merged", out / "adapter", adapter_only=True, base=assets.DENSE_MODEL, progress=False)
+    return {"model": out / "model", "adapter": out / "adapter"}
+
+
+def quiet_libraries() -> None:
+    """Hide transformers' and datasets' own progress bars and info lines (ours stay)."""
+    import datasets
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()

@@ -1,0 +1,278 @@
+"""Does experts-only continuation pay off? Same dense start, same domain-B tokens, several ways.
+
+    python bench/quality.py                  # shipped 1.6M dense model, CPU, ~20 minutes
+    python bench/quality.py --size large     # pretrains a ~6M dense model first (GPU: add --gpu)
+
+Arms (each in its own subprocess, so peak RSS is per arm):
+  none      no training (the dense start)
+  experts   upcycle: expand to 1024 experts (8 per token), train only the experts
+  full      full fine-tuning of the dense model (train=all)
+  lora      LoRA on every linear layer, rank chosen to match the experts' trainable count
+  experts*  a second experts recipe (see --better), labelled as such
+Held-out loss (nats/token) on B (gain) and on A (forgetting), wall time, peak RSS,
+trainable parameters and what has to be stored on disk; loss curves to bench/quality.png,
+the table to bench/RESULTS.md (section "Quality").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+SEQ_LEN = 256
+EXPERTS, PER_TOKEN = 1024, 8
+ARMS = {
+    "none": {},
+    "experts": {"train": "experts", "lr": 1e-2},
+    "full": {"train": "all", "lr": 1e-3},
+    "lora": {"train": "lora", "lr": 3e-3},
+    "experts*": {"train": "experts", "lr": 3e-3, "balance_coef": 0.01, "experts_per_token": 4},
+}
+LABELS = {"none": "no training (dense start)", "experts": "upcycle experts-only, E 1024 k 8",
+          "full": "full fine-tuning (train=all)", "lora": "LoRA, same trainable count",
+          "experts*": "experts-only, better recipe (see text)"}
+SIZES = {"small": {"steps": 200, "batch": 16, "eval_blocks": 64},
+         "large": {"steps": 1000, "batch": 32, "eval_blocks": 256,
+                   "shape": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                                 num_attention_heads=2, num_key_value_heads=1), "pretrain_steps": 3000}}
+
+
+def folder_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def lora_rank(dense: Path, target: int) -> int:
+    """The LoRA rank whose trainable count (all 7 linear layers) is closest to ``target``."""
+    from upcycle.folder import read_config
+
+    c = read_config(dense)
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv, h, f = c.num_attention_heads * head, c.num_key_value_heads * head, c.hidden_size, c.intermediate_size
+    per_rank = c.num_hidden_layers * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + f) + (f + h))
+    return max(1, round(target / per_rank))
+
+
+def prepare(work: Path, args) -> dict:
+    """Dense start, domain-B train/eval files and fixed eval blocks (A and B), shared by all arms."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from upcycle import assets
+    from upcycle.expand import expand
+    from upcycle.quickstart import eval_sets, write_jsonl
+
+    work.mkdir(parents=True, exist_ok=True)
+    dense = args.dense or (assets.DENSE_MODEL if args.size == "small" else pretrain_large(work / "dense", args))
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    write_jsonl(assets.stdlib_documents("train", max_bytes=6_000_000), work / "b-train.jsonl")
+    write_jsonl(assets.stdlib_documents("heldout"), work / "b-heldout.jsonl")
+    torch.save(eval_sets(tokenizer, SIZES[args.size]["eval_blocks"]), work / "eval.pt")
+    moes = {}
+    for k in sorted({ARMS[a].get("experts_per_token", PER_TOKEN) for a in args.arms if a.startswith("experts")}):
+        moes[k] = work / f"moe-k{k}"
+        if not moes[k].is_dir():
+            expand(dense, num_experts=EXPERTS, experts_per_token=k, out=moes[k], dtype="float32", progress=False)
+    return {"dense": str(dense), "moe": {str(k): str(v) for k, v in moes.items()}}
+
+
+def pretrain_large(out: Path, args) -> Path:
+    """A larger dense start, pretrained on the full docs corpus (needs python3.11-doc)."""
+    if (out / "config.json").is_file():
+        return out
+    cmd = [sys.executable, str(BENCH / "make_assets.py"), "--out", str(out.parent / "assets-large"),
+           "--steps", str(SIZES["large"]["pretrain_steps"]), "--batch", "32", "--shape",
+           json.dumps(SIZES["large"]["shape"]), "--threads", str(args.threads)] + (["--gpu"] if args.gpu else [])
+    subprocess.run(cmd, check=True)
+    (out.parent / "assets-large" / "doge-pydocs-1.6m").rename(out)
+    return out
+
+
+def child(arm: str, work: Path, args) -> None:
+    """Train one arm and evaluate it; writes ``work/ARM/result.json``."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from upcycle.folder import load_model
+    from upcycle.quickstart import heldout_loss
+
+    setup = json.loads((work / "setup.json").read_text())
+    spec, size = ARMS[arm], SIZES[args.size]
+    run = work / arm.replace("*", "-better")
+    started = time.time()
+    summary, stored = {}, 0
+    if spec:
+        from upcycle.recipe import resolve_config
+        from upcycle.train import continue_train
+
+        k = spec.get("experts_per_token", PER_TOKEN)
+        model = setup["moe"][str(k)] if spec["train"] == "experts" else setup["dense"]
+        extra = {"lora_r": setup["lora_r"], "lora_alpha": 2.0 * setup["lora_r"]} if spec["train"] == "lora" else {}
+        config = resolve_config(None, model=model, data=[str(work / "b-train.jsonl")],
+                                eval_data=[str(work / "b-heldout.jsonl")], output_dir=str(run),
+                                train=spec["train"], lr=spec["lr"], balance_coef=spec.get("balance_coef", 0.0),
+                                max_steps=args.steps, batch_size=args.batch, seq_len=SEQ_LEN, warmup=0.1, decay=0.9,
+                                decay_shape="cosine", weight_decay=0.0, eval_every=max(1, args.steps // 5),
+                                eval_blocks=16, save_every=0, report_to="none", seed=0, **extra)
+        continue_train(config, force=True, progress=False)
+        final = run / "final"
+        summary = json.loads((run / "training_summary.json").read_text())
+        stored = folder_bytes({"experts": run / "experts.safetensors", "lora": run / "adapter"}.get(
+            spec["train"], final / "model.safetensors"))
+    else:
+        final = Path(setup["dense"])
+    train_seconds = time.time() - started
+    model = load_model(final, dtype="float32")
+    blocks = torch.load(work / "eval.pt")
+    losses = {name: heldout_loss(model, b) for name, b in blocks.items()}
+    result = {"arm": arm, "label": LABELS[arm], **spec, "A": losses["A"], "B": losses["B"],
+              "train_seconds": train_seconds, "trainable": summary.get("trainable_params", 0),
+              "stored_bytes": stored, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "tokens": args.steps * args.batch * SEQ_LEN if spec else 0}
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def curves(work: Path, arm: str) -> tuple[list, list]:
+    """(train rows, eval rows) from the arm's metrics.jsonl."""
+    path = work / arm.replace("*", "-better") / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def plot(work: Path, results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        train, evals = curves(work, r["arm"])
+        if train:
+            losses = [row["loss"] for row in train]
+            smooth = [sum(losses[max(0, i - 9):i + 1]) / len(losses[max(0, i - 9):i + 1]) for i in range(len(losses))]
+            left.plot([row["step"] for row in train], smooth, label=r["label"])
+        if evals:
+            right.plot([row["step"] for row in evals], [row["eval_loss"] for row in evals], marker="o", label=r["label"])
+        else:
+            right.axhline(r["B"], color="gray", linestyle="--", label=r["label"])
+    left.set(title="train loss on B (10-step mean)", xlabel="step", ylabel="nats/token")
+    right.set(title="held-out loss on B (16 blocks)", xlabel="step")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def table(results: list[dict], start: dict) -> str:
+    head = ("| run | lr | trainable | B (gain) | A (forgetting) | train time | peak RSS | stored |\n"
+            "|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in results:
+        lr = f"{r['lr']:g}" if "lr" in r else "-"
+        rows.append(f"| {r['label']} | {lr} | {r['trainable'] / 1e6:.2f}M | {r['B']:.3f} ({r['B'] - start['B']:+.2f}) "
+                    f"| {r['A']:.3f} ({r['A'] - start['A']:+.2f}) | {r['train_seconds']:.0f} s "
+                    f"| {r['peak_rss_mb']:.0f} MB | {r['stored_bytes'] / 1e6:.1f} MB |")
+    return "\n".join([head, *rows])
+
+
+def write_results(text: str, path: Path) -> None:
+    """Replace (or append) this benchmark's marked section of RESULTS.md."""
+    begin, end = "<!-- bench/quality.py -->", "<!-- /bench/quality.py -->"
+    old = path.read_text() if path.is_file() else "# Benchmark results\n"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="small: shipped model, CPU")
+    parser.add_argument("--gpu", action="store_true", help="large configuration on a GPU (implies --size large)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    parser.add_argument("--steps", type=int, default=None, help="training steps per arm (same for all)")
+    parser.add_argument("--batch", type=int, default=None, help="blocks of 256 tokens per step")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    parser.add_argument("--dense", type=Path, default=None, help="dense start  [default: shipped (small) or pretrained here (large)]")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/upcycle-quality"), help="scratch folder")
+    parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md and quality.png")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.size = "large" if args.gpu else args.size
+    args.steps = args.steps or SIZES[args.size]["steps"]
+    args.batch = args.batch or SIZES[args.size]["batch"]
+    args.arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arm {unknown[0]}: choose from {', '.join(ARMS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.child:
+        return child(args.child, args.work, args)
+
+    started = time.time()
+    setup = prepare(args.work, args)
+    from upcycle.folder import read_config
+
+    c = read_config(Path(setup["dense"]))
+    keys = int(EXPERTS ** 0.5)
+    experts_trainable = c.num_hidden_layers * (2 * keys * c.hidden_size + 2 * EXPERTS * c.hidden_size)
+    setup["lora_r"] = lora_rank(Path(setup["dense"]), experts_trainable)
+    (args.work / "setup.json").write_text(json.dumps(setup, indent=1))
+    results = []
+    for arm in args.arms:
+        print(f"[{time.time() - started:5.0f} s] arm {arm}: {LABELS[arm]}", flush=True)
+        cmd = [sys.executable, __file__, "--child", arm, "--work", str(args.work), "--size", args.size,
+               "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
+        subprocess.run(cmd, check=True)
+        result = json.loads((args.work / arm.replace("*", "-better") / "result.json").read_text())
+        print(f"        B {result['B']:.3f}  A {result['A']:.3f}  {result['train_seconds']:.0f} s", flush=True)
+        results.append(result)
+    start = next((r for r in results if r["arm"] == "none"), results[0])
+    text = report(results, start, args, setup, time.time() - started)
+    print(text)
+    if not args.no_write:
+        plot(args.work, results, BENCH / "quality.png")
+        write_results(text, BENCH / "RESULTS.md")
+
+
+def report(results: list[dict], start: dict, args, setup: dict, seconds: float) -> str:
+    import torch
+
+    tokens = args.steps * args.batch * SEQ_LEN
+    when = time.strftime("%Y-%m-%d")
+    hardware = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() and args.gpu else
+                f"CPU ({os.cpu_count()} cores, {args.threads} torch thread(s) per arm), {platform.machine()}")
+    better = ARMS["experts*"]
+    return "\n".join([
+        "## Quality: experts-only vs full fine-tuning vs LoRA (`bench/quality.py`)", "",
+        f"{when}, {hardware}, torch {torch.__version__}; `python bench/quality.py"
+        f"{' --size large' if args.size == 'large' else ''}` ({seconds / 60:.0f} min in all).", "",
+        f"Dense start: `{Path(setup['dense']).name}` pretrained on Python documentation (domain A). Every arm "
+        f"then sees the same {tokens:,} tokens of domain B (standard-library Python source) in the same order: "
+        f"{args.steps} steps x {args.batch} x {SEQ_LEN}, AdamW (0.9, 0.95), wd 0, 10% warmup, cosine decay, "
+        f"clip 1.0. Held-out loss in nats/token on {SIZES[args.size]['eval_blocks']} blocks per domain "
+        f"(change vs the dense start in brackets): B lower is the gain, A higher is forgetting. LoRA: rank "
+        f"{setup['lora_r']} (alpha 2r) on all 7 linear layers. Stored: what must be kept besides the dense base "
+        f"(experts.safetensors, the LoRA adapter, or the whole model). Peak RSS of the arm's process.", "",
+        table(results, start), "",
+        f"Better experts recipe (experts*): lr {better['lr']:g}, {better['experts_per_token']} experts per token, "
+        f"load-balancing loss coefficient {better['balance_coef']:g}.", ""])
+
+
+if __name__ == "__main__":
+    main()
