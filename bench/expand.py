@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,10 +33,12 @@ SHAPES = {
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Current RSS, or with ``VmHWM`` the peak RSS of this process image (ru_maxrss would include the
+    parent's peak, inherited at fork)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -60,7 +61,7 @@ def child(variant: str, src: str, out: str, experts: int) -> None:
                                                 num_experts_per_tok=max(1, int(experts**0.5) // 4), dtype="auto")
         model.save_pretrained(out)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM")
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     print(json.dumps({"variant": variant, "seconds": seconds, "peak_mb": peak - start_rss, "bytes": size}))
 
