@@ -11,18 +11,17 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import DogeConfig, DogeForCausalLM, GenerationConfig, PreTrainedTokenizerFast
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub read it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import DogeConfig, DogeForCausalLM, GenerationConfig, PreTrainedTokenizerFast  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 STDLIB = Path(os.__file__).parent
 CODE_SOURCES = ["argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "csv.py", "string.py",
                 "shlex.py", "fractions.py", "difflib.py", "heapq.py"]
-PROSE_SOURCES = ["this.py"]  # replaced by real prose below when available
 VOCAB = 512
 EOS, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|bos|>"
 

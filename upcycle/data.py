@@ -37,7 +37,7 @@ class DataSource:
 def parse_source(spec: str) -> DataSource:
     """Parse ``PATH[:WEIGHT]`` (``docs/:0.7``, ``hf:org/name:0.3``)."""
     prefix, rest = ("hf:", spec[3:]) if spec.startswith("hf:") else ("", spec)
-    if ":" not in rest:
+    if ":" not in rest or (not prefix and Path(spec).expanduser().exists()):  # a local path may hold ":"
         return DataSource(spec)
     path, weight = rest.rsplit(":", 1)
     try:
