@@ -36,7 +36,8 @@ class LazyGroup(click.Group):
         return importlib.import_module(VERBS[name]).command
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 100,
+                                             "max_content_width": 100})
 @click.version_option(__version__, prog_name="upcycle")
 def cli() -> None:
     """Continual sparse upcycling for Doge language models.

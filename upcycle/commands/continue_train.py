@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
-from upcycle.recipe import TRAIN_MODES
+from upcycle.recipe import TRAIN_MODES, TrainConfig
 
 
 @click.command("continue-train")
@@ -57,3 +59,15 @@ def command(model: str, recipe: str | None, resume: str | None, force: bool, no_
                                                      for k, v in flags.items()})
     result = continue_train(config, resume=resume, force=force, progress=not no_progress)
     click.echo(result.summary())
+
+
+def show_recipe_defaults(cmd: click.Command) -> None:
+    """Append each option's built-in default (what applies when neither recipe nor flag sets it)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    for param in cmd.params:
+        if isinstance(param, click.Option) and param.name in defaults and "[default" not in (param.help or ""):
+            value = defaults[param.name]
+            param.help = f"{param.help}  [default: {str(value).lower() if isinstance(value, bool) else value}]"
+
+
+show_recipe_defaults(command)
