@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", type=json.loads, default=None, help="DogeConfig overrides as JSON (bench use)")
+    parser.add_argument("--gpu", action="store_true", help="pretrain on CUDA (bench use)")
     args = parser.parse_args()
     if not args.docs.is_dir():
         sys.exit(f"{args.docs} not found: apt-get install python3.11-doc (or pass --docs)")
@@ -169,13 +171,15 @@ def main() -> None:
     log(f"tokens: pretraining {train_blocks.numel():,}, held-out {heldout_blocks.numel():,}")
 
     config = DogeConfig(vocab_size=VOCAB, max_position_embeddings=CONTEXT, tie_word_embeddings=True,
-                        eos_token_id=0, pad_token_id=1, bos_token_id=2, **MODEL_SHAPE)
-    model = DogeForCausalLM(config)
+                        eos_token_id=0, pad_token_id=1, bos_token_id=2, **(args.shape or MODEL_SHAPE))
+    device = "cuda" if args.gpu else "cpu"
+    model = DogeForCausalLM(config).to(device)
+    train_blocks, heldout_blocks = train_blocks.to(device), heldout_blocks.to(device)
     params = sum(p.numel() for p in model.parameters())
     start_loss = mean_loss(model, heldout_blocks)
     log(f"model: {params:,} parameters; held-out loss at init {start_loss:.3f}")
     history = pretrain(model, train_blocks, heldout_blocks, args.steps, args.batch, args.lr, args.seed, log)
-    model.save_pretrained(model_dir)
+    model.cpu().save_pretrained(model_dir)
     (model_dir / "model.safetensors").chmod(0o644)
     GenerationConfig(eos_token_id=0, pad_token_id=1, bos_token_id=2, max_new_tokens=64, do_sample=True,
                      temperature=0.8, top_k=50).save_pretrained(model_dir)

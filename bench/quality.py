@@ -37,10 +37,17 @@ ARMS = {
     "full": {"train": "all", "lr": 1e-3},
     "lora": {"train": "lora", "lr": 3e-3},
     "experts*": {"train": "experts", "lr": 3e-3, "balance_coef": 0.01, "experts_per_token": 4},
+    # candidates for experts* (python bench/quality.py --arms ... --no-write)
+    "experts-lr3e-3": {"train": "experts", "lr": 3e-3},
+    "experts-k4-bal": {"train": "experts", "lr": 1e-2, "experts_per_token": 4, "balance_coef": 0.01},
+    "experts-replay": {"train": "experts", "lr": 1e-2, "replay": 0.1},
+    "full-replay": {"train": "all", "lr": 1e-3, "replay": 0.1},
 }
 LABELS = {"none": "no training (dense start)", "experts": "upcycle experts-only, E 1024 k 8",
           "full": "full fine-tuning (train=all)", "lora": "LoRA, same trainable count",
-          "experts*": "experts-only, better recipe (see text)"}
+          "experts*": "experts-only, better recipe (see text)", "experts-lr3e-3": "experts-only, lr 3e-3",
+          "experts-k4-bal": "experts-only, k 4, balance 0.01", "experts-replay": "experts-only, 10% A replay",
+          "full-replay": "full fine-tuning, 10% A replay"}
 SIZES = {"small": {"steps": 200, "batch": 16, "eval_blocks": 64},
          "large": {"steps": 1000, "batch": 32, "eval_blocks": 256,
                    "shape": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8,
@@ -78,6 +85,7 @@ def prepare(work: Path, args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(dense)
     write_jsonl(assets.stdlib_documents("train", max_bytes=6_000_000), work / "b-train.jsonl")
     write_jsonl(assets.stdlib_documents("heldout"), work / "b-heldout.jsonl")
+    write_jsonl(assets.docs_documents("train"), work / "a-train.jsonl")
     torch.save(eval_sets(tokenizer, SIZES[args.size]["eval_blocks"]), work / "eval.pt")
     moes = {}
     for k in sorted({ARMS[a].get("experts_per_token", PER_TOKEN) for a in args.arms if a.startswith("experts")}):
@@ -119,7 +127,9 @@ def child(arm: str, work: Path, args) -> None:
         k = spec.get("experts_per_token", PER_TOKEN)
         model = setup["moe"][str(k)] if spec["train"] == "experts" else setup["dense"]
         extra = {"lora_r": setup["lora_r"], "lora_alpha": 2.0 * setup["lora_r"]} if spec["train"] == "lora" else {}
-        config = resolve_config(None, model=model, data=[str(work / "b-train.jsonl")],
+        replay = spec.get("replay", 0.0)
+        data = [f"{work / 'b-train.jsonl'}:{1 - replay}"] + ([f"{work / 'a-train.jsonl'}:{replay}"] if replay else [])
+        config = resolve_config(None, model=model, data=data,
                                 eval_data=[str(work / "b-heldout.jsonl")], output_dir=str(run),
                                 train=spec["train"], lr=spec["lr"], balance_coef=spec.get("balance_coef", 0.0),
                                 max_steps=args.steps, batch_size=args.batch, seq_len=SEQ_LEN, warmup=0.1, decay=0.9,
