@@ -27,7 +27,8 @@ def run(script: str, *args: str, cwd: Path) -> str:
 def test_generate_shipped_model(tmp_path):
     out = run("generate.py", str(assets.DENSE_MODEL), "--max-new-tokens", "12", "--prompt", "The json module",
               cwd=tmp_path)
-    assert "The json module" in out and len(out.splitlines()[-1]) > len("The json module")
+    text = out.split("]\n", 1)[1]
+    assert text.startswith("The json module") and len(text.strip()) > len("The json module")
 
 
 def test_attach_adapter_builds_and_attaches(tmp_path):

@@ -2,8 +2,8 @@
 
 The shipped dense Doge (pretrained on Python documentation, domain A) grows CDMoE
 experts, only the experts train on standard-library Python source (domain B), and the
-run is merged and exported as an expert adapter. Held-out loss on both domains is
-measured before and after, so the gain on B and the forgetting on A are visible.
+run is merged and exported (a model folder and an expert adapter). Held-out loss on both
+domains is measured before and after: the gain on B and the forgetting on A.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
                experts_per_token: int = 8, max_steps: int = 300, batch_size: int = 8, lr: float = 3e-3,
                train_bytes: int = 3_000_000, eval_blocks: int = 64, seed: int = 0, progress: bool = True,
                echo: Callable[[str], None] = print) -> QuickstartResult:
-    """Expand the shipped dense Doge, train only its experts on stdlib code, merge, export an adapter."""
+    """Expand the shipped dense Doge, train only its experts on stdlib code, merge and export into ``out``."""
     from transformers import AutoTokenizer
 
     from upcycle.expand import expand
