@@ -47,7 +47,8 @@ def main() -> None:
     heldout = [t for name, t in files if zlib.crc32(name.encode()) % 10 == 0] or [files[-1][1]]
     train = [t for name, t in files if t not in heldout] or heldout
     tokenizer = AutoTokenizer.from_pretrained(assets.DENSE_MODEL)
-    blocks = {"yours": token_blocks(tokenizer, heldout, 32), "docs": token_blocks(tokenizer, assets.docs_documents("heldout"), 32)}
+    blocks = {"yours": token_blocks(tokenizer, heldout, 32),
+              "docs": token_blocks(tokenizer, assets.docs_documents("heldout"), 32)}
     data = write_jsonl(train, args.out / "train.jsonl")
 
     upcycle.expand(assets.DENSE_MODEL, num_experts=1024, out=args.out / "moe", force=args.force, dtype="float32")

@@ -107,21 +107,32 @@ def prepare_out(out: Path, force: bool) -> None:
 
 def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_experts: int = 1024,
                experts_per_token: int = 8, max_steps: int = 300, batch_size: int = 8, lr: float = 3e-3,
-               train_bytes: int = 3_000_000, eval_blocks: int = 64, seed: int = 0, progress: bool = True,
+               replay: float = 0.0, train_bytes: int = 3_000_000, eval_blocks: int = 64, seed: int = 0,
+               progress: bool = True,
                echo: Callable[[str], None] = print) -> QuickstartResult:
-    """Expand the shipped dense Doge, train only its experts on stdlib code, merge and export into ``out``."""
+    """Expand the shipped dense Doge, train only its experts on stdlib code, merge and export into ``out``.
+
+    ``replay``: fraction of training blocks drawn from the shipped docs train sample (domain A).
+    """
     from transformers import AutoTokenizer
 
     from upcycle.expand import expand
     from upcycle.folder import load_model
 
+    if not 0.0 <= replay < 1.0:
+        raise UpcycleError(f"--replay {replay} must be in [0, 1): the fraction of blocks taken from domain A")
     start = time.time()
     out = Path(out).expanduser()
     prepare_out(out, force)
     quiet_libraries()
     tokenizer = AutoTokenizer.from_pretrained(assets.DENSE_MODEL)
     echo(f"[1/5] data: stdlib sources from {assets.STDLIB} (B), shipped Python docs sample (A)")
-    train_file = write_jsonl(assets.stdlib_documents("train", max_bytes=train_bytes), out / "data" / "stdlib-train.jsonl")
+    train_texts = assets.stdlib_documents("train", max_bytes=train_bytes)
+    train_file = write_jsonl(train_texts, out / "data" / "stdlib-train.jsonl")
+    data = [str(train_file)]
+    if replay:
+        docs_file = write_jsonl(assets.docs_documents("train"), out / "data" / "docs-train.jsonl")
+        data = [f"{train_file}:{1 - replay}", f"{docs_file}:{replay}"]
     eval_file = write_jsonl(assets.stdlib_documents("heldout"), out / "data" / "stdlib-heldout.jsonl")
     blocks = eval_sets(tokenizer, eval_blocks)
 
@@ -131,8 +142,9 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
     before = evaluate(load_model(out / "moe"), blocks, progress)
     echo(f"      held-out loss before: A {before['A']:.3f}  B {before['B']:.3f}")
 
-    echo(f"[3/5] continue-train the experts only: {max_steps} steps x {batch_size} x {SEQ_LEN} tokens")
-    run = train_experts(out, train_file, eval_file, max_steps, batch_size, lr, seed, progress)
+    mix = f", {replay:.0%} of blocks from domain A (replay)" if replay else ""
+    echo(f"[3/5] continue-train the experts only: {max_steps} steps x {batch_size} x {SEQ_LEN} tokens{mix}")
+    run = train_experts(out, data, eval_file, max_steps, batch_size, lr, seed, progress)
 
     echo("[4/5] merge the run; export the model and its expert adapter")
     paths = merge_and_export(out, run)
@@ -144,8 +156,9 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
     if not all(math.isfinite(v) for v in (*before.values(), *after.values())):
         raise UpcycleError("a held-out loss is not finite: training diverged; lower --lr")
     record = {"before": before, "after": after, "seconds": round(result.seconds, 1), "steps": max_steps,
-              "batch_size": batch_size, "seq_len": SEQ_LEN, "lr": lr, "num_experts": num_experts,
-              "experts_per_token": experts_per_token, "trainable": expanded.trainable, "eval_blocks": eval_blocks,
+              "batch_size": batch_size, "seq_len": SEQ_LEN, "lr": lr, "replay": replay,
+              "num_experts": num_experts, "experts_per_token": experts_per_token, "trainable": expanded.trainable,
+              "eval_blocks": eval_blocks,
               "paths": {k: str(v) for k, v in result.paths.items()}}
     (out / "quickstart.json").write_text(json.dumps(record, indent=1) + "\n")
     result.paths["summary"] = out / "quickstart.json"
@@ -159,13 +172,13 @@ def evaluate(model: torch.nn.Module, blocks: dict[str, torch.Tensor], progress: 
                                                                leave=False)}
 
 
-def train_experts(out: Path, train_file: Path, eval_file: Path, max_steps: int, batch_size: int, lr: float,
+def train_experts(out: Path, data: list[str], eval_file: Path, max_steps: int, batch_size: int, lr: float,
                   seed: int, progress: bool) -> Path:
     """``continue_train`` of the experts of ``OUT/moe``; returns the run folder ``OUT/run``."""
     from upcycle.recipe import resolve_config
     from upcycle.train import continue_train
 
-    config = resolve_config(None, model=str(out / "moe"), data=[str(train_file)], eval_data=[str(eval_file)],
+    config = resolve_config(None, model=str(out / "moe"), data=data, eval_data=[str(eval_file)],
                             output_dir=str(out / "run"), train="experts", max_steps=max_steps,
                             batch_size=batch_size, seq_len=SEQ_LEN, lr=lr, warmup=0.05, decay=0.3,
                             weight_decay=0.0, eval_every=0, eval_blocks=8, save_every=0, report_to="none",
