@@ -24,7 +24,7 @@ import torch
 from transformers import DogeConfig, DogeForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from upcycle.assets import ASSETS, stdlib_documents  # noqa: E402
+from upcycle.assets import ASSETS, docs_records, stdlib_documents  # noqa: E402
 
 DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 EOS, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|bos|>"
@@ -147,18 +147,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", type=json.loads, default=None, help="DogeConfig overrides as JSON (bench use)")
     parser.add_argument("--gpu", action="store_true", help="pretrain on CUDA (bench use)")
+    parser.add_argument("--from-sample", action="store_true",
+                        help="without the docs package: pretrain on the shipped docs sample only (bench use)")
     args = parser.parse_args()
-    if not args.docs.is_dir():
+    if not args.docs.is_dir() and not args.from_sample:
         sys.exit(f"{args.docs} not found: apt-get install python3.11-doc (or pass --docs)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     log = lambda text: print(text, flush=True)  # noqa: E731
 
-    files = docs_files(args.docs)
-    heldout, sample, corpus = split_docs(files)
+    if args.docs.is_dir():
+        files = docs_files(args.docs)
+        heldout, sample, corpus = split_docs(files)
+    else:  # --from-sample: only the shipped 1 MB sample (a much smaller pretraining corpus)
+        records = docs_records()
+        files = [(r["source"], r["text"]) for r in records]
+        heldout = [(r["source"], r["text"]) for r in records if r["split"] == "heldout"]
+        sample = corpus = [(r["source"], r["text"]) for r in records if r["split"] == "train"]
     args.out.mkdir(parents=True, exist_ok=True)
-    write_sample(args.out / "python-docs-sample.jsonl.gz", heldout, sample)
+    if args.out.resolve() != ASSETS.resolve() or args.docs.is_dir():
+        write_sample(args.out / "python-docs-sample.jsonl.gz", heldout, sample)
     log(f"docs: {len(files)} files; held-out {len(heldout)} files {sum(len(t) for _, t in heldout):,} chars; "
         f"shipped train sample {len(sample)} files; pretraining corpus {sum(len(t) for _, t in corpus):,} chars")
 
