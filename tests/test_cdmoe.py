@@ -87,7 +87,7 @@ def test_matches_stock_module_token_by_token(norm_topk_prob):
 
 
 def test_stock_module_is_not_causal():
-    """Documents the defect our module fixes (REFERENCE: stock routing mixes tokens)."""
+    """Documents the defect our module fixes: stock routing mixes tokens (README, routing note)."""
     config = tiny_config(is_moe=True, num_experts=64, num_experts_per_tok=4)
     torch.manual_seed(0)
     stock = DogeCDMoE(config)
