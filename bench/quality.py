@@ -360,7 +360,7 @@ def report(results: list[dict], start: dict, args, setup: dict, seconds: float |
         f"Better experts recipe (experts*): the `experts` arm (lr {better['lr']:g}, k {PER_TOKEN}) with "
         f"{better['replay']:.0%} of the training blocks drawn from the shipped docs train sample (domain A, disjoint "
         "from the A held-out files) instead of B: replay, a data recipe, so the `full*-replay` arms get the same data. "
-        + SWEEP, ""])
+        + (SWEEP if args.size == "small" else ""), ""])
 
 
 if __name__ == "__main__":
