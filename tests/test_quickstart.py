@@ -10,9 +10,6 @@ import torch
 
 from upcycle import assets
 
-pytestmark = pytest.mark.skipif(not (assets.DENSE_MODEL / "model.safetensors").is_file(),
-                                reason="shipped model missing: run bench/make_assets.py")
-
 
 def test_assets_are_complete():
     from transformers import AutoTokenizer
@@ -52,3 +49,11 @@ def test_quickstart_refuses_non_empty_out(tmp_path, run_cli):
     code, _, stderr = run_cli("quickstart", tmp_path, "--max-steps", "1")
     assert code == 2 and "not empty" in stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_quickstart_force_keeps_what_it_did_not_write(tmp_path, run_cli):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.txt").write_text("mine")
+    code, _, stderr = run_cli("quickstart", tmp_path, "--max-steps", "1", "--force")
+    assert code == 2 and "did not write" in stderr.strip().splitlines()[-1]
+    assert (tmp_path / "data" / "corpus.txt").read_text() == "mine"

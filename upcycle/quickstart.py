@@ -96,7 +96,11 @@ def prepare_out(out: Path, force: bool) -> None:
     """Refuse a non-empty OUT unless ``force``; with it, remove only what quickstart writes."""
     check_output(out, force)
     if force and out.is_dir():
-        for name in PARTS:
+        present = [name for name in PARTS if (out / name).exists()]
+        if present and not (out / "quickstart.json").is_file():
+            raise UpcycleError(f"{out} holds {present[0]} but no quickstart.json, so quickstart did not write it: "
+                               "choose another output folder (--force only replaces a previous quickstart)")
+        for name in present:
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
