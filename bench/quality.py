@@ -335,13 +335,14 @@ def report(results: list[dict], start: dict, args, setup: dict, seconds: float |
     tokens = args.steps * args.batch * SEQ_LEN
     when = time.strftime("%Y-%m-%d")
     hardware = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() and args.gpu else
-                f"CPU ({os.cpu_count()} cores, shared with other jobs, {args.threads} torch thread(s) per arm), "
+                f"CPU ({os.cpu_count()} cores, {args.threads} torch thread(s) per arm), "
         f"{platform.machine()}")
     better = ARMS["experts*"]
     return "\n".join([
         "## Quality: experts-only vs full fine-tuning vs LoRA (`bench/quality.py`)", "",
         f"{when}, {hardware}, torch {torch.__version__}; `python bench/quality.py"
         f"{' --size large' if args.size == 'large' else ''}"
+        f"{'' if args.threads == 1 else f' --threads {args.threads}'}"
         f"{'' if tuple(args.arms) == DEFAULT_ARMS else ' --arms ' + ','.join(args.arms)}`"
         + (f" ({seconds / 60:.0f} min in all)." if seconds else "."),
         "",
