@@ -21,12 +21,16 @@ top ``k`` per half and then the top ``k`` of the ``k * k`` candidate sums.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from transformers.models.doge.configuration_doge import DogeConfig
+from transformers.utils import logging
 from transformers.models.doge.modeling_doge import DogeCDMoE, DogeForCausalLM
 
 try:  # einx is optional for remote-code users; the fallback is the same sum.
@@ -119,52 +123,39 @@ class UpcycleDogeForCausalLM(DogeForCausalLM):
                 )
             self.post_init()
 
+    @classmethod
+    def from_dense_and_adapter(cls, adapter: str, base: str | None = None, **kwargs) -> "UpcycleDogeForCausalLM":
+        """Load the dense ``base`` (default: the adapter's ``base_model_name_or_path``) and attach ``adapter``.
 
-# ---------------------------------------------------------------------------
-# Expert adapters (written by ``upcycle export --adapter-only``): a folder with
-# ``adapter_config.json`` (adapter_type "upcycle-experts", base_model_name_or_path,
-# config overrides) and ``experts.safetensors`` (the new expert tensors plus any
-# dense tensor training changed). Works without upcycle installed.
-# ---------------------------------------------------------------------------
+        An expert adapter (``upcycle export --adapter-only``) is a folder with ``adapter_config.json``
+        (adapter_type "upcycle-experts", base model, config overrides) and ``experts.safetensors`` (the
+        new expert tensors plus any dense tensor training changed). Works without upcycle installed.
+        """
+        if not os.path.isdir(adapter):
+            from huggingface_hub import snapshot_download
 
-
-def _from_dense_and_adapter(cls, adapter, base=None, **kwargs):
-    """Load the dense ``base`` (default: the adapter's base_model_name_or_path) and attach ``adapter``."""
-    import json
-    import os
-
-    from safetensors.torch import load_file
-
-    if not os.path.isdir(adapter):
-        from huggingface_hub import snapshot_download
-
-        adapter = snapshot_download(adapter)
-    with open(os.path.join(adapter, "adapter_config.json")) as handle:
-        meta = json.load(handle)
-    if meta.get("adapter_type") != "upcycle-experts":
-        raise ValueError(f"{adapter} is not an upcycle expert adapter (adapter_type {meta.get('adapter_type')!r})")
-    base = base or meta["base_model_name_or_path"]
-    config = DogeConfig.from_pretrained(base)
-    for key, value in meta["config"].items():
-        setattr(config, key, value)
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the expert tensors are missing from the dense base by design
-    try:
-        model = cls.from_pretrained(base, config=config, **kwargs)
-    finally:
-        logging.set_verbosity(verbosity)
-    tensors = load_file(os.path.join(adapter, "experts.safetensors"))
-    state = model.state_dict()
-    unknown = [name for name in tensors if name not in state]
-    missing = [n for n in state if n.rsplit(".", 2)[-2] in ROUTED_PARAMETER_NAMES and n not in tensors]
-    if unknown or missing:
-        raise ValueError(f"adapter {adapter} does not fit {base}: unknown {unknown[:3]}, missing {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            state[name].copy_(tensor.to(state[name].dtype))
-    return model
-
-
-UpcycleDogeForCausalLM.from_dense_and_adapter = classmethod(_from_dense_and_adapter)
+            adapter = snapshot_download(adapter)
+        with open(os.path.join(adapter, "adapter_config.json")) as handle:
+            meta = json.load(handle)
+        if meta.get("adapter_type") != "upcycle-experts":
+            raise ValueError(f"{adapter} is not an upcycle expert adapter (adapter_type {meta.get('adapter_type')!r})")
+        base = base or meta["base_model_name_or_path"]
+        config = DogeConfig.from_pretrained(base)
+        for key, value in meta["config"].items():
+            setattr(config, key, value)
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the expert tensors are missing from the dense base by design
+        try:
+            model = cls.from_pretrained(base, config=config, **kwargs)
+        finally:
+            logging.set_verbosity(verbosity)
+        tensors = load_file(os.path.join(adapter, "experts.safetensors"))
+        state = model.state_dict()
+        unknown = [name for name in tensors if name not in state]
+        missing = [n for n in state if n.rsplit(".", 2)[-2] in ROUTED_PARAMETER_NAMES and n not in tensors]
+        if unknown or missing:
+            raise ValueError(f"adapter {adapter} does not fit {base}: unknown {unknown[:3]}, missing {missing[:3]}")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                state[name].copy_(tensor.to(state[name].dtype))
+        return model
