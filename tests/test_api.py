@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -35,3 +36,23 @@ def test_cli_help_lists_verbs():
 def test_unknown_option_is_a_usage_error(run_cli):
     code, _, err = run_cli("expand", "--experts", "16", "x", "--bogus")
     assert code == 2 and "No such option" in err and "Traceback" not in err
+
+
+def test_unexpected_exception_is_one_line_with_a_debug_switch(run_cli, monkeypatch):
+    expand_module = importlib.import_module("upcycle.expand")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(expand_module, "expand", broken)
+    monkeypatch.delenv("UPCYCLE_DEBUG", raising=False)
+    code, out, err = run_cli("expand", "--experts", "16", "x")
+    assert code == 1 and err.strip() == ("error: unexpected RuntimeError: boom (set UPCYCLE_DEBUG=1 for the "
+                                         "traceback and please report it)")
+    monkeypatch.setenv("UPCYCLE_DEBUG", "1")
+    try:
+        run_cli("expand", "--experts", "16", "x")
+    except RuntimeError as error:
+        assert str(error).startswith("boom")
+    else:
+        raise AssertionError("UPCYCLE_DEBUG=1 should re-raise")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,15 @@ def test_gradient_checkpointing_gives_the_same_update_with_the_balance_loss(run_
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-3
     assert [r["loss"] for r in metrics(plain) if "loss" in r] == pytest.approx(
         [r["loss"] for r in metrics(checkpointed) if "loss" in r], abs=1e-6)
+
+
+def test_model_without_tokenizer_is_a_one_line_error(moe_folder, code_text_dir, tmp_path, run_cli):
+    bare = tmp_path / "bare"
+    shutil.copytree(moe_folder, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    code, _, err = run_cli("continue-train", bare, "--data", code_text_dir, "-o", tmp_path / "run",
+                           "--recipe", RECIPE, "--no-progress")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "has no usable tokenizer" in last and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ file only collects them and turns :class:`UpcycleError` into a one-line message.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except Exception as error:  # a bug or an unforeseen input: still one line, the traceback on request
+        if os.environ.get("UPCYCLE_DEBUG"):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        click.echo(f"error: unexpected {type(error).__name__}: {first} (set UPCYCLE_DEBUG=1 for the traceback "
+                   "and please report it)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

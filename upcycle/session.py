@@ -218,12 +218,25 @@ def make_accelerator(config: TrainConfig, run: Path) -> Accelerator:
     return acc
 
 
-def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: Path | None) -> Session:
-    """Load data and model, choose what trains, restore ``checkpoint``, prepare the run folder."""
+def load_tokenizer(folder: Path):
+    """The model folder's tokenizer; a one-line error when it has none."""
     from transformers import AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise UpcycleError(f"{folder} has no usable tokenizer ({str(error).splitlines()[0].strip()}): copy the "
+                           "tokenizer files (tokenizer.json, tokenizer_config.json) of its dense source into it") from None
+    if tokenizer.eos_token_id is None:
+        raise UpcycleError(f"the tokenizer in {folder} has no EOS token, which packing puts between documents: "
+                           "set eos_token in its tokenizer_config.json")
+    return tokenizer
+
+
+def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: Path | None) -> Session:
+    """Load data and model, choose what trains, restore ``checkpoint``, prepare the run folder."""
     acc = make_accelerator(config, run.path)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     stream, eval_blocks = build_data(sources(config.data), tokenizer, config.seq_len,
                                      eval_sources=sources(config.eval_data) or None, eval_blocks=config.eval_blocks,
                                      seed=config.seed, streaming=config.streaming)
