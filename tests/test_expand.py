@@ -191,6 +191,7 @@ def corrupt_header_copy(src: Path, dst: Path) -> Path:
     ("not square", None, ["--experts", "1000"], "not a perfect square"),
     ("k too big", None, ["--experts", "16", "--experts-per-token", "17"], "between 1 and"),
     ("k zero", None, ["--experts", "16", "--experts-per-token", "0"], "between 1 and"),
+    ("shard size", None, ["--experts", "16", "--max-shard-size", "lots"], "cannot read size"),
     ("missing", lambda d, t: t / "nope", ["--experts", "16"], "does not exist"),
     ("llama", lambda d, t: llama_folder(t / "llama"), ["--experts", "16"], "not Doge"),
     ("truncated", lambda d, t: truncated_copy(d, t / "trunc"), ["--experts", "16"], "truncated"),

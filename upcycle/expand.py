@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
 from upcycle.folder import parse_dtype, read_config, resolve_source, staged_output, weight_files, write_folder_extras
-from upcycle.safetensors_stream import SourceTensor, TensorPlan, scan, write_sharded
+from upcycle.safetensors_stream import SourceTensor, TensorPlan, parse_size, scan, write_sharded
 
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARTS = ("router_gate", "down_embed", "up_embed")  # CausalCDMoE's new parameters
@@ -140,6 +140,7 @@ def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | No
     """
     k = default_experts_per_token(num_experts) if experts_per_token is None else experts_per_token
     validate(num_experts, k)
+    max_shard_size = parse_size(max_shard_size)
     folder = resolve_source(src)
     config = read_config(folder)
     if config.is_moe:
