@@ -129,7 +129,7 @@ def child(arm: str, work: Path, args) -> None:
     from upcycle.quickstart import heldout_loss
 
     setup = json.loads((work / "setup.json").read_text())
-    spec, size = ARMS[arm], SIZES[args.size]
+    spec = ARMS[arm]
     run = work / arm.replace("*", "-better")
     started = time.time()
     summary, stored = {}, 0

@@ -6,7 +6,6 @@ import importlib
 import subprocess
 import sys
 
-import upcycle
 
 
 def test_api_names_stay_functions_after_submodule_import():

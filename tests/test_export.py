@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from test_merge import IDS, assert_failed_cleanly, logits, make_run
 

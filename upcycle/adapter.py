@@ -25,7 +25,7 @@ import torch
 from upcycle import __version__
 from upcycle.errors import UpcycleError
 from upcycle.folder import MODELING_FILE, read_config, resolve_source, weight_files
-from upcycle.safetensors_stream import TensorPlan, scan, write_safetensors
+from upcycle.safetensors_stream import scan, write_safetensors
 
 ADAPTER_TYPE = "upcycle-experts"
 NOT_OVERRIDES = {"architectures", "auto_map", "upcycle", "_name_or_path", "transformers_version", "dtype",
@@ -72,7 +72,7 @@ def write_adapter(stage: Path, model_folder: Path, base: str | os.PathLike | Non
                                f"{given}: pass the dense model it was upcycled from (--base)")
         elif not torch.equal(tensor.read(), dense[name].read().to(tensor.dtype)):
             replaced.append(name)
-    plans = [TensorPlan(n, moe[n].dtype, tuple(moe[n].shape), moe[n].read) for n in new + replaced]
+    plans = [moe[n].plan() for n in new + replaced]
     write_safetensors(stage / "experts.safetensors", plans, on_bytes)
     moe_raw = json.loads((model_folder / "config.json").read_text())
     dense_raw = json.loads((dense_folder / "config.json").read_text())

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from upcycle.errors import UpcycleError
 from upcycle.folder import MANIFEST
 
-OUR_NAMES = ("config.yaml", "metrics.jsonl", "experts.safetensors", "training_summary.json", "adapter", "final",
+SUMMARY = "training_summary.json"
+OUR_NAMES = ("config.yaml", "metrics.jsonl", "experts.safetensors", SUMMARY, "adapter", "final",
              "logs")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 

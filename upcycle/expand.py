@@ -104,7 +104,7 @@ def plan_tensors(source: dict[str, SourceTensor], config, num_experts: int, dtyp
     plans, added = [], []
     for name, tensor in source.items():
         out_dtype = dtype if (dtype is not None and tensor.dtype.is_floating_point) else tensor.dtype
-        plans.append(TensorPlan(name, out_dtype, tensor.shape, tensor.read))
+        plans.append(tensor.plan(out_dtype))
     float_dtype = dtype or next((t.dtype for n, t in source.items() if n.endswith("mlp.gate_proj.weight")),
                                 torch.float32)
     shapes = {"router_gate": (2 * keys, hidden), "down_embed": (num_experts, hidden), "up_embed": (num_experts, hidden)}

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from upcycle.checkpoint import SUMMARY
 from upcycle.errors import UpcycleError
 from upcycle.folder import MANIFEST, check_output, read_config, staged_output, weight_files, write_folder_extras
 from upcycle.model_card import CardInfo, render
-from upcycle.safetensors_stream import TensorPlan, scan, write_sharded
+from upcycle.safetensors_stream import scan, write_sharded
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-SUMMARY = "training_summary.json"
 RETRIES = 3
 RETRY_WAIT = 2.0  # seconds, doubled after each failed attempt
 
@@ -106,8 +106,7 @@ def card_info(folder: Path, summary: dict, name: str, repo: str, base_model_id: 
 
 def build(stage: Path, folder: Path, summary: dict, max_shard_size: str | int, progress: bool) -> int:
     """Write weights (re-sharded, streamed), config, remote code, tokenizer and generation config."""
-    tensors = scan(weight_files(folder))
-    plans = [TensorPlan(n, t.dtype, tuple(t.shape), t.read) for n, t in tensors.items()]
+    plans = [tensor.plan() for tensor in scan(weight_files(folder)).values()]
     with tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc="export",
               disable=not progress) as bar:
         write_sharded(stage, plans, max_shard_size, on_bytes=bar.update)

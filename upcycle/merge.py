@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +22,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from upcycle.checkpoint import CHECKPOINT, SUMMARY, RunFolder
 from upcycle.errors import UpcycleError
 from upcycle.folder import check_output, read_config, resolve_source, staged_output, weight_files, write_folder_extras
 from upcycle.safetensors_stream import TensorPlan, scan, write_sharded
-
-SUMMARY = "training_summary.json"
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 
 # ---------------------------------------------------------------- merge methods
 
@@ -110,12 +107,6 @@ def is_checkpoint(path: Path) -> bool:
     return (path / "trainable.safetensors").is_file() or lora_only
 
 
-def checkpoints_of(run: Path) -> list[Path]:
-    """The run's complete checkpoint folders, oldest step first."""
-    found = [(int(m.group(1)), p) for p in run.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and is_checkpoint(p)]
-    return [p for _, p in sorted(found)]
-
-
 def find_checkpoint(src: str | os.PathLike) -> Checkpoint:
     """A checkpoint folder as is; a RUN: its final tensors when it finished, else its latest checkpoint."""
     path = Path(src).expanduser()
@@ -123,7 +114,7 @@ def find_checkpoint(src: str | os.PathLike) -> Checkpoint:
         raise UpcycleError(f"{src} does not exist: pass a run folder or one of its checkpoint-STEP folders")
     if is_checkpoint(path):
         state = read_json(path / "state.json") if (path / "state.json").is_file() else {}
-        run = path.parent if CHECKPOINT_RE.match(path.name) else None
+        run = path.parent if CHECKPOINT.match(path.name) else None
         return Checkpoint(path, run, optional(path / "trainable.safetensors"), optional_adapter(path), state)
     if (path / "experts.safetensors").is_file():
         summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
@@ -131,7 +122,7 @@ def find_checkpoint(src: str | os.PathLike) -> Checkpoint:
             # dense tensors trained too: experts.safetensors is not enough, take every tensor of final/
             return Checkpoint(path, path, weight_files(path / "final"), None, summary, final=True)
         return Checkpoint(path, path, [path / "experts.safetensors"], optional_adapter(path), summary, final=True)
-    found = checkpoints_of(path)
+    found = RunFolder(path).checkpoints()
     if not found:
         if (path / "config.json").is_file():
             raise UpcycleError(f"{src} is a model folder, not a run: merge takes a run folder or checkpoint "
@@ -279,9 +270,8 @@ def run_summary(checkpoint: Checkpoint, model: torch.nn.Module, base: str | os.P
     if checkpoint.final and run is not None and (run / SUMMARY).is_file():
         return read_json(run / SUMMARY)
     state, config = checkpoint.state, model.config
-    trainable = sum(t.numel() for f in checkpoint.tensors for t in read_tensors(f).values())
-    if checkpoint.adapter is not None and (checkpoint.adapter / "adapter_model.safetensors").is_file():
-        trainable += sum(t.numel() for t in read_tensors(checkpoint.adapter / "adapter_model.safetensors").values())
+    lora = checkpoint.adapter / "adapter_model.safetensors" if checkpoint.adapter is not None else None
+    trainable = stored_parameters([*checkpoint.tensors, *([lora] if lora and lora.is_file() else [])])
     recipe = read_yaml(run / "config.yaml") if run is not None and (run / "config.yaml").is_file() else {}
     return {
         "base_model": str(base) if base is not None else None,
@@ -304,17 +294,16 @@ def run_summary(checkpoint: Checkpoint, model: torch.nn.Module, base: str | os.P
 
 @dataclass
 class TensorSource:
-    """One averaging input: tensor names -> (dtype, shape, reader); plus its model folder."""
+    """One averaging input: how to read each of its tensors, and its model folder."""
 
     label: str
     folder: Path
-    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]
+    tensors: dict[str, TensorPlan]
 
 
 def model_source(folder: Path, label: str) -> TensorSource:
     read_config(folder)
-    scanned = scan(weight_files(folder))
-    return TensorSource(label, folder, {n: (t.dtype, t.shape, t.read) for n, t in scanned.items()})
+    return TensorSource(label, folder, {n: t.plan() for n, t in scan(weight_files(folder)).items()})
 
 
 def checkpoint_source(path: Path, base: str | os.PathLike | None) -> TensorSource:
@@ -324,7 +313,8 @@ def checkpoint_source(path: Path, base: str | os.PathLike | None) -> TensorSourc
     if checkpoint.adapter is not None:  # LoRA must be merged first: materialize this one in memory
         state = {k: v.detach() for k, v in fold_model(checkpoint, base_folder).state_dict().items()}
         source = model_source(base_folder, str(path))
-        source.tensors = {n: (state[n].dtype, tuple(state[n].shape), lambda n=n: state[n]) for n in source.tensors}
+        source.tensors = {n: TensorPlan(n, state[n].dtype, tuple(state[n].shape), lambda n=n: state[n])
+                          for n in source.tensors}
         return source
     source = model_source(base_folder, str(path))
     for file in checkpoint.tensors:
@@ -333,8 +323,8 @@ def checkpoint_source(path: Path, base: str | os.PathLike | None) -> TensorSourc
         for name in names:
             if name not in source.tensors:
                 raise UpcycleError(f"{file} holds {name}, which the base {base_folder} lacks: pass --base MODEL")
-            dtype, shape, _ = source.tensors[name]
-            source.tensors[name] = (dtype, shape, lambda n=name, f=file: read_one(f, n))
+            plan = source.tensors[name]
+            source.tensors[name] = TensorPlan(name, plan.dtype, plan.shape, lambda n=name, f=file: read_one(f, n))
     return source
 
 
@@ -360,7 +350,7 @@ def check_same_shapes(sources: list[TensorSource]) -> None:
             if name not in other.tensors or name not in first.tensors:
                 has, lacks = (first, other) if name in first.tensors else (other, first)
                 raise UpcycleError(f"cannot average: tensor {name} is in {has.label} but not in {lacks.label}")
-            a, b = first.tensors[name][1], other.tensors[name][1]
+            a, b = first.tensors[name].shape, other.tensors[name].shape
             if tuple(a) != tuple(b):
                 raise UpcycleError(f"cannot average: tensor {name} has shape {tuple(a)} in {first.label} but "
                                    f"{tuple(b)} in {other.label}; average checkpoints of one model")
@@ -388,9 +378,9 @@ def average(sources: list[str | os.PathLike], out: str | os.PathLike, method: st
     opened = [open_source(s, base) for s in sources]
     check_same_shapes(opened)
     first = opened[0]
-    plans = [TensorPlan(name, dtype, tuple(shape),
-                        lambda n=name, d=dtype: combine([s.tensors[n][2] for s in opened], coeffs, d))
-             for name, (dtype, shape, _) in first.tensors.items()]
+    plans = [TensorPlan(name, plan.dtype, plan.shape,
+                        lambda n=name, d=plan.dtype: combine([s.tensors[n].make for s in opened], coeffs, d))
+             for name, plan in first.tensors.items()]
     config = json.loads((first.folder / "config.json").read_text())
     config.pop("transformers_version", None)
     if isinstance(config.get("upcycle"), dict):
@@ -404,6 +394,6 @@ def average(sources: list[str | os.PathLike], out: str | os.PathLike, method: st
     return MergeResult(Path(out), [str(s) for s in sources], f"{method}: {shown}")
 
 
-def parameter_count(folder: Path) -> int:
-    """Number of parameters stored in a model folder (headers only)."""
-    return sum(math.prod(t.shape) for t in scan(weight_files(folder)).values())
+def stored_parameters(files: list[Path]) -> int:
+    """Number of parameters stored in safetensors files (headers only)."""
+    return sum(math.prod(t.shape) for t in scan(files).values())

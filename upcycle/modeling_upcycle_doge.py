@@ -28,7 +28,6 @@ import os
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 from transformers.models.doge.configuration_doge import DogeConfig
 from transformers.utils import logging
 from transformers.models.doge.modeling_doge import DogeCDMoE, DogeForCausalLM

@@ -120,6 +120,10 @@ class SourceTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    def plan(self, dtype: torch.dtype | None = None) -> TensorPlan:
+        """Copy this tensor (cast to ``dtype`` if given) into an output file."""
+        return TensorPlan(self.name, dtype or self.dtype, self.shape, self.read)
+
     def read(self) -> torch.Tensor:
         try:
             with safe_open(self.file, framework="pt") as handle:

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
-from upcycle.checkpoint import RunFolder, load_tensors, read_state, rng_state, save_tensors
+from upcycle.checkpoint import SUMMARY, RunFolder, load_tensors, read_state, rng_state, save_tensors
 from upcycle.data import DataSource, PackedStream, build_data, parse_source
 from upcycle.errors import UpcycleError
 from upcycle.folder import load_model, save_model
@@ -139,7 +139,7 @@ class Session:
             if experts:
                 save_tensors(experts, run / "experts.safetensors")
             summary = self.summary(final, train_loss, eval_loss, recipe)
-            for path in (run / "training_summary.json", run / "final" / "training_summary.json"):
+            for path in (run / SUMMARY, run / "final" / SUMMARY):
                 path.write_text(json.dumps(summary, indent=1) + "\n")
             self.run.record(*(p for p in run.iterdir() if p.name != self.run.manifest.name))
         acc.wait_for_everyone()
