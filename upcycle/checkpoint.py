@@ -18,9 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from upcycle.errors import UpcycleError
-from upcycle.folder import MANIFEST
+from upcycle.folder import MANIFEST, SUMMARY
 
-SUMMARY = "training_summary.json"
 OUR_NAMES = ("config.yaml", "metrics.jsonl", "experts.safetensors", SUMMARY, "adapter", "final",
              "logs")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")

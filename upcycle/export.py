@@ -22,9 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from upcycle.checkpoint import SUMMARY
 from upcycle.errors import UpcycleError
-from upcycle.folder import MANIFEST, check_output, read_config, staged_output, weight_files, write_folder_extras
+from upcycle.folder import MANIFEST, SUMMARY, check_output, read_config, staged_output, weight_files, write_folder_extras
 from upcycle.model_card import CardInfo, render
 from upcycle.safetensors_stream import scan, write_sharded
 

@@ -30,6 +30,7 @@ from upcycle.errors import UpcycleError
 MODELING_FILE = Path(__file__).with_name("modeling_upcycle_doge.py")
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_upcycle_doge.UpcycleDogeForCausalLM"}
 MANIFEST = ".upcycle-manifest.json"
+SUMMARY = "training_summary.json"  # a run's training summary, carried by the model folders it produces
 COMPANION_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -171,12 +172,14 @@ def write_folder_extras(out: Path, config: dict, source: Path | None = None) -> 
 
 
 def save_model(model: torch.nn.Module, out: str | os.PathLike, source: str | os.PathLike | None = None,
-               force: bool = False, max_shard_size: str | int = "2GB") -> Path:
-    """Save ``model`` as an upcycle model folder (atomically)."""
+               force: bool = False, max_shard_size: str | int = "2GB", summary: dict | None = None) -> Path:
+    """Save ``model`` as an upcycle model folder (atomically), with ``training_summary.json`` if given."""
     with staged_output(out, force=force) as stage:
         model.save_pretrained(stage, max_shard_size=max_shard_size)
         config = json.loads((stage / "config.json").read_text())
         write_folder_extras(stage, config, Path(source) if source else None)
+        if summary is not None:
+            (stage / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     return Path(out)
 
 

@@ -22,9 +22,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from upcycle.checkpoint import CHECKPOINT, SUMMARY, RunFolder
+from upcycle.checkpoint import CHECKPOINT, RunFolder
 from upcycle.errors import UpcycleError
-from upcycle.folder import check_output, read_config, resolve_source, staged_output, weight_files, write_folder_extras
+from upcycle.folder import (SUMMARY, check_output, read_config, resolve_source, save_model, staged_output,
+                            weight_files, write_folder_extras)
 from upcycle.safetensors_stream import TensorPlan, scan, write_sharded
 
 # ---------------------------------------------------------------- merge methods
@@ -254,11 +255,7 @@ def merge(src: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLik
     read_config(base_folder)
     model = fold_model(checkpoint, base_folder)
     summary = run_summary(checkpoint, model, base if base is not None else run_base(checkpoint))
-    with staged_output(out, force=force) as stage:
-        model.save_pretrained(stage, max_shard_size=max_shard_size)
-        config = json.loads((stage / "config.json").read_text())
-        write_folder_extras(stage, config, base_folder)
-        (stage / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    save_model(model, out, source=base_folder, force=force, max_shard_size=max_shard_size, summary=summary)
     parts = [*checkpoint.tensors, *([checkpoint.adapter] if checkpoint.adapter else [])]
     detail = "folded " + " + ".join(str(p) for p in parts) + f" into {base_folder}"
     return MergeResult(Path(out), [str(p) for p in parts], detail)

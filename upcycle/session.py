@@ -14,10 +14,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
-from upcycle.checkpoint import SUMMARY, RunFolder, load_tensors, read_state, rng_state, save_tensors
+from upcycle.checkpoint import RunFolder, load_tensors, read_state, rng_state, save_tensors
 from upcycle.data import DataSource, PackedStream, build_data, parse_source
 from upcycle.errors import UpcycleError
-from upcycle.folder import load_model, save_model
+from upcycle.folder import SUMMARY, load_model, save_model
 from upcycle.recipe import DataSpec, TrainConfig, save_config
 from upcycle.trainable import (RouterLogits, base_name, build_optimizer, build_scheduler, is_expert,
                                select_trainable, trainable_parameters)
@@ -134,13 +134,12 @@ class Session:
             final = final_model(self.folder, full, unwrapped.peft_config["default"] if self.lora else None)
             if (run / "final").exists():
                 self.run.forget(run / "final")
-            save_model(final, run / "final", source=self.folder)
+            summary = self.summary(final, train_loss, eval_loss, recipe)
+            save_model(final, run / "final", source=self.folder, summary=summary)
             experts = {k: v for k, v in final.state_dict().items() if is_expert(k)}
             if experts:
                 save_tensors(experts, run / "experts.safetensors")
-            summary = self.summary(final, train_loss, eval_loss, recipe)
-            for path in (run / SUMMARY, run / "final" / SUMMARY):
-                path.write_text(json.dumps(summary, indent=1) + "\n")
+            (run / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
             self.run.record(*(p for p in run.iterdir() if p.name != self.run.manifest.name))
         acc.wait_for_everyone()
 
