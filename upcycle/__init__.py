@@ -42,23 +42,15 @@ def _api_member(name: str) -> Any:
 
 
 class _Package(types.ModuleType):
-    """Keeps ``upcycle.expand`` (and the other verbs) the function, not the same-named submodule.
-
-    Importing ``upcycle.expand`` sets the package attribute to the submodule; this
-    class resolves API names first so ``upcycle.expand(...)`` always works.
+    """Imports API members lazily (``import upcycle`` stays cheap) and keeps ``upcycle.expand``
+    (and the other verbs) the function, not the same-named submodule that importing
+    ``upcycle.expand`` would otherwise put in its place.
     """
 
     def __getattribute__(self, name: str) -> Any:
         if name in _API:
             return _api_member(name)
         return super().__getattribute__(name)
-
-
-def __getattr__(name: str) -> Any:
-    """Import API members lazily so ``import upcycle`` stays cheap."""
-    if name not in _API:
-        raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
-    return _api_member(name)
 
 
 sys.modules[__name__].__class__ = _Package

@@ -71,7 +71,7 @@ def default_experts_per_token(num_experts: int) -> int:
     return max(1, math.isqrt(num_experts) // 4)
 
 
-def default_output(src: str, folder: Path, num_experts: int) -> Path:
+def default_output(src: str, num_experts: int) -> Path:
     """A new sibling of a local SRC, or a folder in the working directory for a Hub id."""
     local = Path(src).expanduser()
     base = local.resolve() if local.exists() else Path.cwd() / str(src).rstrip("/").split("/")[-1]
@@ -150,7 +150,7 @@ def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | No
         dtype = parse_dtype(dtype)
     source = scan(weight_files(folder))
     check_dense_tensors(source, config, folder)
-    out = Path(out).expanduser() if out is not None else default_output(str(src), folder, num_experts)
+    out = Path(out).expanduser() if out is not None else default_output(str(src), num_experts)
     if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
         raise UpcycleError(f"output {out} is inside the source folder: choose a folder outside {folder}")
     plans, added = plan_tensors(source, config, num_experts, dtype, seed)

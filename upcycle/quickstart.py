@@ -205,11 +205,12 @@ def merge_and_export(out: Path, run: Path) -> dict[str, Path]:
 
 
 def quiet_libraries() -> None:
-    """Hide transformers' and datasets' own progress bars and info lines (ours stay)."""
+    """The trainer's quiet mode (no library progress bars), plus no library info lines (ours stay)."""
     import datasets
     from transformers.utils import logging
 
+    from upcycle.train import quiet_libraries as hide_progress_bars
+
+    hide_progress_bars()
     logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
