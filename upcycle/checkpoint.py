@@ -132,4 +132,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path)
+    """Every tensor of a safetensors file; a one-line error when the file is damaged."""
+    try:
+        return load_file(path)
+    except Exception as error:
+        raise UpcycleError(f"cannot read {path} ({str(error).splitlines()[0]}): the file is damaged") from None

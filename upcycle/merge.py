@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from upcycle.checkpoint import CHECKPOINT, RunFolder
+from upcycle.checkpoint import CHECKPOINT, RunFolder, load_tensors
 from upcycle.errors import UpcycleError
 from upcycle.folder import (SUMMARY, check_output, read_config, resolve_source, save_model, staged_output,
                             weight_files, write_folder_extras)
@@ -198,22 +198,13 @@ class MergeResult:
         return f"wrote {self.out}\n{self.detail}"
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    except Exception as error:
-        raise UpcycleError(f"cannot read {path} ({str(error).splitlines()[0]}): the file is damaged") from None
-
-
 def fold_model(checkpoint: Checkpoint, base_folder: Path) -> torch.nn.Module:
     """Base model + trained tensors + merged LoRA, in memory."""
     from upcycle.folder import load_model
 
     model = load_model(base_folder)
     for file in checkpoint.tensors:
-        overlay(model, read_tensors(file), file)
+        overlay(model, load_tensors(file), file)
     if checkpoint.adapter is not None:
         model = merge_lora(model, checkpoint.adapter)
     return model
