@@ -31,6 +31,7 @@ class TrainConfig:
     model: str = ""  # MODEL: an upcycled (or, for lora/all, dense) checkpoint folder or Hub id
     data: list[DataSpec] = field(default_factory=list)  # training sources, "PATH[:WEIGHT]" or mappings
     eval_data: list[DataSpec] = field(default_factory=list)  # held-out sources; empty: a split of data
+    retain_data: list[DataSpec] = field(default_factory=list)  # text the model knows and must not forget
     output_dir: str | None = None  # RUN folder; default runs/<model name>-<train>
     train: str = "experts"  # experts | experts+lora | lora | all
     max_steps: int = 1000  # optimizer steps
@@ -48,6 +49,10 @@ class TrainConfig:
     eps: float = 1e-8
     clip: float = 1.0  # gradient-norm clip; 0 disables
     balance_coef: float = 0.0  # router load-balancing loss coefficient; 0 disables
+    retain_coef: float = 1e-3  # expert-off penalty on retain tokens (experts modes); 0 disables
+    retain_tokens: int = 1024  # retain tokens per layer per step for the penalty
+    retain_samples: int = 64  # blocks sampled from the dense model when no retain_data is given; 0: none
+    expert_lr_scale: float = 1.0  # lr of down_embed/up_embed relative to lr (router keeps lr)
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
