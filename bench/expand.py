@@ -49,7 +49,7 @@ def child(variant: str, src: str, out: str, experts: int) -> None:
 
     torch.set_num_threads(2)
     if variant == "ours":
-        from upcycle.expand import expand
+        from upcycle.expansion import expand
     else:
         from transformers import DogeForCausalLM
     start_rss = rss_mb()

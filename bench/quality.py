@@ -87,8 +87,8 @@ def prepare(work: Path, args) -> dict:
     from transformers import AutoTokenizer
 
     from upcycle import assets
-    from upcycle.expand import expand
-    from upcycle.quickstart import eval_sets, write_jsonl
+    from upcycle.demo import eval_sets, write_jsonl
+    from upcycle.expansion import expand
 
     work.mkdir(parents=True, exist_ok=True)
     dense = args.dense or (assets.DENSE_MODEL if args.size == "small" else pretrain_large(work / "dense", args))
@@ -126,7 +126,7 @@ def child(arm: str, work: Path, args) -> None:
 
     torch.set_num_threads(args.threads)
     from upcycle.folder import load_model
-    from upcycle.quickstart import heldout_loss
+    from upcycle.demo import heldout_loss
 
     setup = json.loads((work / "setup.json").read_text())
     spec = ARMS[arm]

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 import upcycle
 from upcycle import assets
-from upcycle.quickstart import heldout_loss, token_blocks, write_jsonl
+from upcycle.demo import heldout_loss, token_blocks, write_jsonl
 from upcycle.recipe import resolve_config
 from upcycle.train import continue_train
 

@@ -84,7 +84,7 @@ def dense_folder(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def moe_folder(tmp_path_factory, dense_folder) -> Path:
     """``dense_folder`` upcycled to 64 experts, 4 per token (read-only)."""
-    from upcycle.expand import expand
+    from upcycle.expansion import expand
 
     out = tmp_path_factory.mktemp("moe") / "model"
     expand(dense_folder, num_experts=64, experts_per_token=4, out=out, seed=0, progress=False)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DogeForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import upcycle
-from upcycle.expand import expand
+from upcycle.expansion import expand
 
 IDS = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
 

@@ -18,7 +18,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, moe_folder) -> Path:
     """A run (2 checkpoints, LoRA) folded into a model folder with a training_summary.json (read-only)."""
-    from upcycle.merge import merge
+    from upcycle.merging import merge
 
     root = tmp_path_factory.mktemp("merged")
     run = make_run(root, moe_folder, steps=(4, 8), lora=True)
@@ -27,7 +27,7 @@ def merged(tmp_path_factory, moe_folder) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, merged) -> Path:
-    from upcycle.export import export
+    from upcycle.exporting import export
 
     out = tmp_path_factory.mktemp("export") / "hub"
     export(merged, out, repo_id="me/Doge-tiny-MoE", base_model_id="SmallDoge/Doge-20M", max_shard_size="150KB",

@@ -124,7 +124,7 @@ def test_merge_checkpoint_with_lora_and_explicit_base(tmp_path, moe_folder, run_
 
 
 def test_merge_finished_run_uses_final_tensors(tmp_path, moe_folder):
-    from upcycle.merge import merge
+    from upcycle.merging import merge
 
     run = make_run(tmp_path, moe_folder, steps=(10, 30), finished=True)
     merge(run, tmp_path / "merged")
@@ -177,7 +177,7 @@ def test_average_matches_hand_computed(tmp_path, moe_folder, run_cli, method, ex
 
 
 def test_average_checkpoints_of_a_run(tmp_path, moe_folder):
-    from upcycle.merge import average
+    from upcycle.merging import average
 
     run = make_run(tmp_path, moe_folder, steps=(1, 2))
     average([run / "checkpoint-1", run / "checkpoint-2"], tmp_path / "avg", progress=False)
@@ -190,7 +190,7 @@ def test_average_checkpoints_of_a_run(tmp_path, moe_folder):
 
 
 def test_average_different_shapes_names_the_tensor(tmp_path, moe_folder, dense_folder, run_cli):
-    from upcycle.expand import expand
+    from upcycle.expansion import expand
 
     other = tmp_path / "moe16"
     expand(dense_folder, num_experts=16, experts_per_token=2, out=other, progress=False)

@@ -9,8 +9,6 @@ for every file, so contents travel base64-encoded inside the commit) and
 
 from __future__ import annotations
 
-import importlib
-
 import base64
 import json
 import threading
@@ -111,8 +109,6 @@ def fake_hub(monkeypatch, tmp_path):
     """A fake Hub on 127.0.0.1; HF_ENDPOINT, HF_TOKEN and online mode set for the test only."""
     import huggingface_hub.constants as hub_constants
 
-    export_module = importlib.import_module("upcycle.export")
-
     hub = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(hub))
     hub.url = f"http://127.0.0.1:{server.server_port}"
@@ -122,7 +118,7 @@ def fake_hub(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-cache" / "token"))
-    monkeypatch.setattr(export_module, "RETRY_WAIT", 0.0)
+    monkeypatch.setattr("upcycle.exporting.RETRY_WAIT", 0.0)
     yield hub
     server.shutdown()
     server.server_close()
@@ -176,21 +172,21 @@ def test_push_401_names_the_fix_and_keeps_output(tmp_path, moe_folder, fake_hub,
 
 
 def test_push_dropped_connection_retries_then_fails_clearly(tmp_path, moe_folder, fake_hub, run_cli):
-    export_module = importlib.import_module("upcycle.export")
+    from upcycle.exporting import RETRIES
 
     fake_hub.mode = "drop"
     out = tmp_path / "hub"
     code, stdout, stderr = run_cli("export", moe_folder, "-o", out, "--repo-id", "me/tiny-moe", "--push")
     one_line_error(code, stderr)
-    assert f"after {export_module.RETRIES} attempts" in stderr and "hf upload me/tiny-moe" in stderr
+    assert f"after {RETRIES} attempts" in stderr and "hf upload me/tiny-moe" in stderr
     creates = [r for r in fake_hub.requests if r["path"] == "/api/repos/create"]
-    assert len(creates) == export_module.RETRIES
+    assert len(creates) == RETRIES
     assert (out / "model.safetensors").is_file() and set(local_files(out)) >= {"config.json", "README.md"}
     assert_no_token(stdout, stderr, out)
 
 
 def test_push_recovers_from_one_dropped_commit(tmp_path, moe_folder, fake_hub):
-    from upcycle.export import export
+    from upcycle.exporting import export
 
     fake_hub.drop_first = 1
     out = tmp_path / "hub"

@@ -5,52 +5,38 @@ The Python API mirrors the CLI verbs::
     import upcycle
     upcycle.expand("dense-ckpt/", num_experts=1024, out="moe-ckpt/")
     model = upcycle.load_model("moe-ckpt/")
+
+Each verb's code lives in a module named after what it does (``upcycle.expansion``,
+``upcycle.train``, ``upcycle.merging``, ``upcycle.exporting``, ``upcycle.adapter``,
+``upcycle.demo``); no module shares its name with an API function.
 """
 
-from __future__ import annotations
+from upcycle.adapter import load_with_adapter
+from upcycle.demo import quickstart
+from upcycle.errors import UpcycleError
+from upcycle.expansion import expand
+from upcycle.exporting import export, export_adapter
+from upcycle.folder import load_config, load_model, save_model
+from upcycle.merging import average, merge
+from upcycle.modeling_upcycle_doge import CausalCDMoE, UpcycleDogeForCausalLM
+from upcycle.recipe import TrainConfig
+from upcycle.train import continue_train
+from upcycle.version import __version__
 
-import importlib
-import sys
-import types
-from typing import Any
-
-__version__ = "0.1.0"
-
-_API = {
-    "expand": "upcycle.expand",
-    "load_model": "upcycle.folder",
-    "load_config": "upcycle.folder",
-    "save_model": "upcycle.folder",
-    "UpcycleError": "upcycle.errors",
-    "continue_train": "upcycle.train",
-    "TrainConfig": "upcycle.recipe",
-    "merge": "upcycle.merge",
-    "average": "upcycle.merge",
-    "export": "upcycle.export",
-    "export_adapter": "upcycle.adapter",
-    "load_with_adapter": "upcycle.adapter",
-    "quickstart": "upcycle.quickstart",
-    "CausalCDMoE": "upcycle.modeling_upcycle_doge",
-    "UpcycleDogeForCausalLM": "upcycle.modeling_upcycle_doge",
-}
-
-__all__ = sorted(_API)
-
-
-def _api_member(name: str) -> Any:
-    return getattr(importlib.import_module(_API[name]), name)
-
-
-class _Package(types.ModuleType):
-    """Imports API members lazily (``import upcycle`` stays cheap) and keeps ``upcycle.expand``
-    (and the other verbs) the function, not the same-named submodule that importing
-    ``upcycle.expand`` would otherwise put in its place.
-    """
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in _API:
-            return _api_member(name)
-        return super().__getattribute__(name)
-
-
-sys.modules[__name__].__class__ = _Package
+__all__ = [
+    "CausalCDMoE",
+    "TrainConfig",
+    "UpcycleDogeForCausalLM",
+    "UpcycleError",
+    "average",
+    "continue_train",
+    "expand",
+    "export",
+    "export_adapter",
+    "load_config",
+    "load_model",
+    "load_with_adapter",
+    "merge",
+    "quickstart",
+    "save_model",
+]

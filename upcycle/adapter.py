@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from upcycle import __version__
 from upcycle.errors import UpcycleError
 from upcycle.folder import MODELING_FILE, read_config, resolve_source, weight_files
+from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM
 from upcycle.safetensors_stream import scan, write_safetensors
+from upcycle.version import __version__
 
 ADAPTER_TYPE = "upcycle-experts"
 NOT_OVERRIDES = {"architectures", "auto_map", "upcycle", "_name_or_path", "transformers_version", "dtype",
@@ -91,19 +92,9 @@ def write_adapter(stage: Path, model_folder: Path, base: str | os.PathLike | Non
     return meta
 
 
-def export_adapter(model: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None,
-                   **kwargs) -> object:
-    """``export(model, out, adapter_only=True)``: write the expert adapter folder with its card."""
-    from upcycle.export import export
-
-    return export(model, out, adapter_only=True, base=base, **kwargs)
-
-
 def load_with_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None = None,
                       **kwargs) -> torch.nn.Module:
     """Dense ``base`` (default: the adapter's base_model_name_or_path) with the adapter's experts attached."""
-    from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM
-
     try:
         return UpcycleDogeForCausalLM.from_dense_and_adapter(str(adapter), base=str(base) if base else None, **kwargs)
     except (OSError, ValueError, KeyError) as error:

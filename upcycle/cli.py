@@ -1,44 +1,41 @@
 """The ``upcycle`` command line: a thin layer over the Python API.
 
 Each verb is a click command named ``command`` in ``upcycle/commands/<verb>.py``,
-calling the Python API in ``upcycle/<verb>.py``; this
-file only collects them and turns :class:`UpcycleError` into a one-line message.
+calling the Python API (``upcycle.expansion``, ``upcycle.train``, ``upcycle.merging``,
+``upcycle.exporting``, ``upcycle.demo``); this file only collects them and turns
+:class:`UpcycleError` into a one-line message.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import click
 
-from upcycle import __version__
+from upcycle.commands import continue_train, expand, export, merge, quickstart
 from upcycle.errors import UpcycleError
+from upcycle.version import __version__
 
-VERBS = {
-    "expand": "upcycle.commands.expand",
-    "continue-train": "upcycle.commands.continue_train",
-    "merge": "upcycle.commands.merge",
-    "export": "upcycle.commands.export",
-    "quickstart": "upcycle.commands.quickstart",
+VERBS: dict[str, click.Command] = {
+    "expand": expand.command,
+    "continue-train": continue_train.command,
+    "merge": merge.command,
+    "export": export.command,
+    "quickstart": quickstart.command,
 }
 
 
-class LazyGroup(click.Group):
-    """Imports a verb's module only when that verb runs (keeps ``--help`` fast)."""
+class VerbGroup(click.Group):
+    """Lists the verbs in the order of the workflow (click sorts them by name)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(VERBS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in VERBS:
-            return None
-        return importlib.import_module(VERBS[name]).command
+        return list(self.commands)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 100,
-                                             "max_content_width": 100})
+@click.group(cls=VerbGroup, commands=VERBS,
+             context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 100,
+                               "max_content_width": 100})
 @click.version_option(__version__, prog_name="upcycle")
 def cli() -> None:
     """Continual sparse upcycling for Doge language models.

@@ -23,9 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import DogeConfig
 
 from upcycle.errors import UpcycleError
+from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM
 
 MODELING_FILE = Path(__file__).with_name("modeling_upcycle_doge.py")
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_upcycle_doge.UpcycleDogeForCausalLM"}
@@ -55,6 +58,17 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def is_repo_id(text: str) -> bool:
+    """``text`` is a Hub repo id of the form ``USER/NAME`` (huggingface_hub's rules)."""
+    if text.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_source(src: str | os.PathLike) -> Path:
     """A local folder as is, or a Hub id downloaded to the local cache."""
     path = Path(src).expanduser()
@@ -63,7 +77,7 @@ def resolve_source(src: str | os.PathLike) -> Path:
             raise UpcycleError(f"{src} is a file: pass the checkpoint folder that holds config.json")
         return path
     text = str(src)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not is_repo_id(text):
         raise UpcycleError(f"{src} does not exist: pass a local checkpoint folder or a Hub id like SmallDoge/Doge-20M")
     try:
         from huggingface_hub import snapshot_download
@@ -121,8 +135,6 @@ def weight_files(folder: Path) -> list[Path]:
 def load_model(src: str | os.PathLike, dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None) -> torch.nn.Module:
     """Load any Doge folder (dense or MoE) as ``UpcycleDogeForCausalLM`` (causal CDMoE)."""
-    from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM  # heavy: transformers modeling
-
     folder = resolve_source(src)
     read_config(folder)
     weight_files(folder)

@@ -56,6 +56,15 @@ def parse_size(size: str | int) -> int:
     raise UpcycleError(f"cannot read size {size!r}: write it like 500MB or 2GB")
 
 
+def human_bytes(n: int) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, like :func:`parse_size`)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def shard(plans: list[TensorPlan], max_bytes: int) -> list[list[TensorPlan]]:
     """Greedy split into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
     shards: list[list[TensorPlan]] = [[]]

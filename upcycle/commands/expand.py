@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from upcycle import expansion
+
 
 @click.command("expand")
 @click.argument("src")
@@ -29,8 +31,6 @@ def command(src: str, num_experts: int, experts_per_token: int | None, out: str 
     Example:
       upcycle expand --experts 1024 Doge-20M/ -o Doge-20M-moe1024/
     """
-    from upcycle.expand import expand
-
-    result = expand(src, num_experts=num_experts, experts_per_token=experts_per_token, out=out, force=force,
-                    seed=seed, dtype=dtype, max_shard_size=max_shard_size)
+    result = expansion.expand(src, num_experts=num_experts, experts_per_token=experts_per_token, out=out, force=force,
+                              seed=seed, dtype=dtype, max_shard_size=max_shard_size)
     click.echo(result.summary())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from upcycle import exporting
+
 
 @click.command("export")
 @click.argument("model")
@@ -41,9 +43,7 @@ def command(model: str, out: str | None, repo_id: str | None, push: bool, privat
       upcycle export runs/doge-moe/ --dry-run --max-shard-size 500MB
       upcycle export doge-moe-merged/ --adapter-only -o hub/doge-moe-experts --repo-id me/Doge-20M-experts
     """
-    from upcycle.export import export
-
-    result = export(model, out, repo_id=repo_id, push=push, private=private, revision=revision, dry_run=dry_run,
-                    max_shard_size=max_shard_size, adapter_only=adapter_only, force=force, base=base,
-                    base_model_id=base_model_id, license=license_)
+    result = exporting.export(model, out, repo_id=repo_id, push=push, private=private, revision=revision,
+                              dry_run=dry_run, max_shard_size=max_shard_size, adapter_only=adapter_only, force=force,
+                              base=base, base_model_id=base_model_id, license=license_)
     click.echo(result.summary())

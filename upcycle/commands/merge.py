@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from upcycle import merging
+from upcycle.errors import UpcycleError
+
 
 @click.command("merge")
 @click.argument("sources", nargs=-1, required=True)
@@ -36,21 +39,18 @@ def command(sources: tuple[str, ...], out: str, base: str | None, do_average: bo
       upcycle merge --average ckpt-a/ ckpt-b/ ckpt-c/ --method ema --ema-decay 0.7 -o averaged/
       upcycle merge --average runs/x/checkpoint-{1000,2000,3000} --method wma --weights 1,2,4 -o avg/
     """
-    from upcycle.errors import UpcycleError
-    from upcycle.merge import average, merge
-
     if do_average:
         try:
             parsed = [float(w) for w in weights.split(",")] if weights else None
         except ValueError:
             raise UpcycleError(f"--weights {weights!r} must be comma-separated numbers, e.g. 1,2,4") from None
-        result = average(list(sources), out, method=method, weights=parsed, ema_decay=ema_decay, base=base,
-                         force=force, max_shard_size=max_shard_size)
+        result = merging.average(list(sources), out, method=method, weights=parsed, ema_decay=ema_decay, base=base,
+                                 force=force, max_shard_size=max_shard_size)
     else:
         if len(sources) != 1:
             raise UpcycleError(f"merge takes one RUN or checkpoint (got {len(sources)}): pass --average to "
                                "average several")
         if weights or method != "sma":
             raise UpcycleError("--method and --weights need --average")
-        result = merge(sources[0], out, base=base, force=force, max_shard_size=max_shard_size)
+        result = merging.merge(sources[0], out, base=base, force=force, max_shard_size=max_shard_size)
     click.echo(result.summary())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import click
+import torch
+
+from upcycle import demo
 
 
 @click.command("quickstart")
@@ -29,13 +32,9 @@ def command(out: str, force: bool, max_steps: int, batch_size: int, lr: float, r
     the run is merged and exported into OUT (default ./upcycle-quickstart/). Prints the
     held-out loss on both domains before and after, and the paths it wrote.
     """
-    import torch
-
-    from upcycle.quickstart import quickstart
-
     if threads:
         torch.set_num_threads(threads)
-    result = quickstart(out, force=force, num_experts=num_experts, experts_per_token=experts_per_token,
-                        max_steps=max_steps, batch_size=batch_size, lr=lr, replay=replay, eval_blocks=eval_blocks,
-                        seed=seed, echo=click.echo)
+    result = demo.quickstart(out, force=force, num_experts=num_experts, experts_per_token=experts_per_token,
+                             max_steps=max_steps, batch_size=batch_size, lr=lr, replay=replay,
+                             eval_blocks=eval_blocks, seed=seed, echo=click.echo)
     click.echo(result.summary())

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
 from upcycle.folder import parse_dtype, read_config, resolve_source, staged_output, weight_files, write_folder_extras
-from upcycle.safetensors_stream import SourceTensor, TensorPlan, parse_size, scan, write_sharded
+from upcycle.safetensors_stream import SourceTensor, TensorPlan, human_bytes, parse_size, scan, write_sharded
 
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARTS = ("router_gate", "down_embed", "up_embed")  # CausalCDMoE's new parameters
@@ -56,14 +56,6 @@ class ExpandResult:
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def default_experts_per_token(num_experts: int) -> int:

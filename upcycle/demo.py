@@ -1,4 +1,4 @@
-"""``upcycle quickstart``: the whole loop on the embedded default, offline, in a few minutes.
+"""The quickstart demo (``upcycle quickstart``): the whole loop on the embedded default, offline, in a few minutes.
 
 The shipped dense Doge (pretrained on Python documentation, domain A) grows CDMoE
 experts, only the experts train on standard-library Python source (domain B), and the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +19,18 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+from transformers.utils import logging
 
 from upcycle import assets
 from upcycle.errors import UpcycleError
-from upcycle.folder import check_output
+from upcycle.expansion import expand
+from upcycle.exporting import export
+from upcycle.folder import check_output, load_model
+from upcycle.merging import merge
+from upcycle.recipe import resolve_config
+from upcycle.train import continue_train
+from upcycle.train import quiet_libraries as hide_progress_bars
 
 SEQ_LEN = 256
 PARTS = ("data", "moe", "run", "model", "adapter", "quickstart.json")
@@ -118,11 +127,6 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
 
     ``replay``: fraction of training blocks drawn from the shipped docs train sample (domain A).
     """
-    from transformers import AutoTokenizer
-
-    from upcycle.expand import expand
-    from upcycle.folder import load_model
-
     if not 0.0 <= replay < 1.0:
         raise UpcycleError(f"--replay {replay} must be in [0, 1): the fraction of blocks taken from domain A")
     start = time.time()
@@ -179,9 +183,6 @@ def evaluate(model: torch.nn.Module, blocks: dict[str, torch.Tensor], progress: 
 def train_experts(out: Path, data: list[str], eval_file: Path, max_steps: int, batch_size: int, lr: float,
                   seed: int, progress: bool) -> Path:
     """``continue_train`` of the experts of ``OUT/moe``; returns the run folder ``OUT/run``."""
-    from upcycle.recipe import resolve_config
-    from upcycle.train import continue_train
-
     config = resolve_config(None, model=str(out / "moe"), data=data, eval_data=[str(eval_file)],
                             output_dir=str(out / "run"), train="experts", max_steps=max_steps,
                             batch_size=batch_size, seq_len=SEQ_LEN, lr=lr, warmup=0.05, decay=0.3,
@@ -192,11 +193,6 @@ def train_experts(out: Path, data: list[str], eval_file: Path, max_steps: int, b
 
 def merge_and_export(out: Path, run: Path) -> dict[str, Path]:
     """Merge the run; export the merged model (``OUT/model``) and its expert adapter (``OUT/adapter``)."""
-    import tempfile
-
-    from upcycle.export import export
-    from upcycle.merge import merge
-
     with tempfile.TemporaryDirectory(prefix=".merged-", dir=out) as tmp:
         merge(run, Path(tmp) / "merged")
         export(Path(tmp) / "merged", out / "model", progress=False)
@@ -206,10 +202,7 @@ def merge_and_export(out: Path, run: Path) -> dict[str, Path]:
 
 def quiet_libraries() -> None:
     """The trainer's quiet mode (no library progress bars), plus no library info lines (ours stay)."""
-    import datasets
-    from transformers.utils import logging
-
-    from upcycle.train import quiet_libraries as hide_progress_bars
+    import datasets  # the data pipeline imports it on first use too; it is slow to import
 
     hide_progress_bars()
     logging.set_verbosity_error()

@@ -14,20 +14,24 @@ import importlib
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
+from upcycle.adapter import write_adapter
 from upcycle.errors import UpcycleError
-from upcycle.folder import MANIFEST, SUMMARY, check_output, read_config, staged_output, weight_files, write_folder_extras
+from upcycle.folder import (MANIFEST, SUMMARY, check_output, copy_companions, is_repo_id, read_config, staged_output,
+                            weight_files, write_folder_extras)
+from upcycle.merging import merge
 from upcycle.model_card import CardInfo, render
-from upcycle.safetensors_stream import scan, write_sharded
+from upcycle.safetensors_stream import human_bytes, scan, write_sharded
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 RETRIES = 3
 RETRY_WAIT = 2.0  # seconds, doubled after each failed attempt
 
@@ -44,8 +48,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        from upcycle.expand import human_bytes
-
         head = "would upload" if self.dry_run else f"wrote {self.out}"
         if self.dry_run and self.repo_id:
             head += f" to {self.repo_id}"
@@ -58,7 +60,7 @@ class ExportResult:
 
 
 def check_repo_id(repo_id: str) -> None:
-    if not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", "-", ".git")):
+    if not is_repo_id(repo_id):
         raise UpcycleError(f"--repo-id {repo_id!r} is not a valid Hub repo id: write it as USER/NAME "
                            "(letters, digits, '-', '_', '.')")
 
@@ -66,7 +68,7 @@ def check_repo_id(repo_id: str) -> None:
 def hub_id(name: object) -> str | None:
     """``name`` if it looks like a Hub id rather than a local path."""
     text = str(name or "").rstrip("/")
-    if not text or Path(text).expanduser().exists() or not REPO_ID.match(text):
+    if not text or Path(text).expanduser().exists() or not is_repo_id(text):
         return None
     return text
 
@@ -84,8 +86,6 @@ def resolve_model(src: str | os.PathLike, base: str | os.PathLike | None, tmp: P
             if summary.is_file():
                 return path / "final", json.loads(summary.read_text())
         return path / "final", {}
-    from upcycle.merge import merge
-
     merge(path, tmp / "merged", base=base)
     return resolve_model(tmp / "merged", None, tmp)
 
@@ -113,8 +113,6 @@ def build(stage: Path, folder: Path, summary: dict, max_shard_size: str | int, p
     raw.pop("transformers_version", None)
     write_folder_extras(stage, raw, folder)
     if not (stage / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
         GenerationConfig(**{k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in raw}
                          ).save_pretrained(stage)
     if summary:
@@ -145,9 +143,6 @@ def export(model: str | os.PathLike, out: str | os.PathLike | None = None, repo_
         target = Path(tmp) / "dry-run" if dry_run else Path(out)
         with staged_output(target, force=force) as stage:
             if adapter_only:
-                from upcycle.adapter import write_adapter
-                from upcycle.folder import copy_companions
-
                 meta = write_adapter(stage, folder, base, base_model_id)
                 copy_companions(folder, stage)
                 total = sum(math.prod(t.shape) for t in scan([stage / "experts.safetensors"]).values())
@@ -164,6 +159,12 @@ def export(model: str | os.PathLike, out: str | os.PathLike | None = None, repo_
     return result
 
 
+def export_adapter(model: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None,
+                   **kwargs) -> ExportResult:
+    """``export(model, out, adapter_only=True)``: write the expert adapter folder with its card."""
+    return export(model, out, adapter_only=True, base=base, **kwargs)
+
+
 def transport_errors() -> tuple[type[BaseException], ...]:
     """Connection-level exception classes of whichever HTTP client huggingface_hub uses."""
     classes: list[type[BaseException]] = [ConnectionError, TimeoutError]
@@ -177,8 +178,6 @@ def transport_errors() -> tuple[type[BaseException], ...]:
 
 def check_can_push() -> None:
     """Fail before writing anything when an upload cannot work: offline mode or no token."""
-    from huggingface_hub import constants, get_token
-
     if constants.HF_HUB_OFFLINE:
         raise UpcycleError("HF_HUB_OFFLINE is set: unset it to --push")
     if not get_token():
@@ -187,9 +186,6 @@ def check_can_push() -> None:
 
 def push_folder(folder: Path, repo_id: str, private: bool = False, revision: str | None = None) -> str:
     """Create the repo (and branch) and upload ``folder`` in one commit; retry dropped connections."""
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     later = f"{folder} is kept: upload it later with `hf upload {repo_id} {folder}`"
     token = get_token()
     if not token:

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from upcycle.checkpoint import CHECKPOINT, RunFolder, load_tensors
 from upcycle.errors import UpcycleError
-from upcycle.folder import (SUMMARY, check_output, read_config, resolve_source, save_model, staged_output,
-                            weight_files, write_folder_extras)
+from upcycle.folder import (SUMMARY, check_output, load_model, read_config, resolve_source, save_model,
+                            staged_output, weight_files, write_folder_extras)
 from upcycle.safetensors_stream import TensorPlan, scan, write_sharded
 
 # ---------------------------------------------------------------- merge methods
@@ -161,8 +162,6 @@ def run_base(checkpoint: Checkpoint) -> str | None:
 
 
 def read_yaml(path: Path) -> dict:
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
@@ -200,8 +199,6 @@ class MergeResult:
 
 def fold_model(checkpoint: Checkpoint, base_folder: Path) -> torch.nn.Module:
     """Base model + trained tensors + merged LoRA, in memory."""
-    from upcycle.folder import load_model
-
     model = load_model(base_folder)
     for file in checkpoint.tensors:
         overlay(model, load_tensors(file), file)
