@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config
 from transformers.models.doge.modeling_doge import DogeCDMoE
 
-from upcycle.modeling_upcycle_doge import CausalCDMoE, UpcycleDogeForCausalLM, num_keys_for, route
+from upcycle.modeling_upcycle_doge import (ROUTED_PARAMETER_NAMES, CausalCDMoE, UpcycleDogeForCausalLM, num_keys_for,
+                                           route, routed_parameter_shapes, routed_tensor_shapes)
 
 
 def moe_model(seed: int = 0, **overrides) -> UpcycleDogeForCausalLM:
@@ -56,6 +57,20 @@ def test_batch_rows_are_independent():
         batched = model(ids).logits
         single = torch.cat([model(ids[i : i + 1]).logits for i in range(3)])
     assert (batched - single).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("num_experts", [16, 64, 1024])
+def test_expert_tensor_spec_matches_the_modules(num_experts):
+    config = tiny_config(is_moe=True, num_experts=num_experts, num_experts_per_tok=4)
+    module = CausalCDMoE(config)
+    spec = routed_parameter_shapes(num_experts, config.hidden_size)
+    assert tuple(spec) == ROUTED_PARAMETER_NAMES
+    assert {name: tuple(getattr(module, name).weight.shape) for name in spec} == spec
+    model = UpcycleDogeForCausalLM(config)
+    state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    full = routed_tensor_shapes(config.num_hidden_layers, num_experts, config.hidden_size)
+    assert {name: state[name] for name in full} == full
+    assert {n for n in state if n.split(".")[-2] in ROUTED_PARAMETER_NAMES} == set(full)
 
 
 @pytest.mark.parametrize("num_experts,top_k", [(64, 4), (64, 8), (16, 12), (1024, 8), (256, 1)])

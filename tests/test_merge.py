@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from upcycle.folder import load_model, save_model
+from upcycle.modeling_upcycle_doge import is_routed_tensor
 
-ROUTED = ("router_gate", "down_embed", "up_embed")
 TOL = 1e-5
 
 
@@ -21,7 +21,7 @@ def trained_tensors(model, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for name, tensor in model.state_dict().items():
-        if any(f".{part}." in name for part in ROUTED):
+        if is_routed_tensor(name):
             out[name] = (tensor + 0.05 * torch.randn(tensor.shape, generator=generator)).contiguous()
     return out
 
@@ -197,6 +197,14 @@ def test_average_different_shapes_names_the_tensor(tmp_path, moe_folder, dense_f
     out = tmp_path / "avg"
     result = run_cli("merge", "--average", moe_folder, other, "-o", out)
     assert_failed_cleanly(result, out, "down_embed", "shape")
+
+
+def test_dense_base_is_named_as_such(tmp_path, moe_folder, dense_folder, run_cli):
+    run = make_run(tmp_path, moe_folder, steps=(3,))
+    out = tmp_path / "merged"
+    assert_failed_cleanly(run_cli("merge", run, "--base", dense_folder, "-o", out), out, "dense", "--base")
+    assert_failed_cleanly(run_cli("merge", "--average", run / "checkpoint-3", moe_folder, "--base", dense_folder,
+                                  "-o", out), out, "dense", "--base")
 
 
 def test_run_without_checkpoints(tmp_path, run_cli):

@@ -24,7 +24,7 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.folder import MODELING_FILE, read_config, resolve_source, weight_files
-from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM
+from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM, routed_tensor_shapes
 from upcycle.safetensors_stream import scan, write_safetensors
 from upcycle.version import __version__
 
@@ -64,6 +64,12 @@ def write_adapter(stage: Path, model_folder: Path, base: str | os.PathLike | Non
     if dense_config.is_moe:
         raise UpcycleError(f"base {given} already has experts: pass the dense model it was upcycled from (--base)")
     moe, dense = scan(weight_files(model_folder)), scan(weight_files(dense_folder))
+    expected = routed_tensor_shapes(moe_config.num_hidden_layers, moe_config.num_experts, moe_config.hidden_size)
+    for name, shape in expected.items():
+        if name not in moe or tuple(moe[name].shape) != shape:
+            found = f"shape {tuple(moe[name].shape)}" if name in moe else "missing"
+            raise UpcycleError(f"{model_folder}: expert tensor {name} is {found}, expected {shape} for "
+                               f"{moe_config.num_experts} experts: the model folder is damaged; re-save it")
     new, replaced = [], []
     for name, tensor in moe.items():
         if name not in dense:

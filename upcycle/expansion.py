@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
 from upcycle.folder import parse_dtype, read_config, resolve_source, staged_output, weight_files, write_folder_extras
+from upcycle.modeling_upcycle_doge import routed_tensor_shapes
 from upcycle.safetensors_stream import SourceTensor, TensorPlan, human_bytes, parse_size, scan, write_sharded
 
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
-EXPERT_PARTS = ("router_gate", "down_embed", "up_embed")  # CausalCDMoE's new parameters
 
 
 @dataclass
@@ -92,20 +92,16 @@ def new_tensor(name: str, shape: tuple[int, ...], std: float, seed: int) -> torc
 def plan_tensors(source: dict[str, SourceTensor], config, num_experts: int, dtype: torch.dtype | None,
                  seed: int) -> tuple[list[TensorPlan], list[str]]:
     """Every output tensor in order: the dense ones, then each layer's new experts."""
-    hidden, keys = config.hidden_size, math.isqrt(num_experts)
     plans, added = [], []
     for name, tensor in source.items():
         out_dtype = dtype if (dtype is not None and tensor.dtype.is_floating_point) else tensor.dtype
         plans.append(tensor.plan(out_dtype))
     float_dtype = dtype or next((t.dtype for n, t in source.items() if n.endswith("mlp.gate_proj.weight")),
                                 torch.float32)
-    shapes = {"router_gate": (2 * keys, hidden), "down_embed": (num_experts, hidden), "up_embed": (num_experts, hidden)}
-    for layer in range(config.num_hidden_layers):
-        for part in EXPERT_PARTS:
-            name = f"model.layers.{layer}.mlp.{part}.weight"
-            plans.append(TensorPlan(name, float_dtype, shapes[part],
-                                    lambda n=name, s=shapes[part]: new_tensor(n, s, config.initializer_range, seed)))
-            added.append(name)
+    for name, shape in routed_tensor_shapes(config.num_hidden_layers, num_experts, config.hidden_size).items():
+        plans.append(TensorPlan(name, float_dtype, shape,
+                                lambda n=name, s=shape: new_tensor(n, s, config.initializer_range, seed)))
+        added.append(name)
     return plans, added
 
 

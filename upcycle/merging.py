@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from upcycle.checkpoint import CHECKPOINT, RunFolder, load_tensors
 from upcycle.errors import UpcycleError
 from upcycle.folder import (SUMMARY, check_output, load_model, read_config, resolve_source, save_model,
                             staged_output, weight_files, write_folder_extras)
+from upcycle.modeling_upcycle_doge import is_routed_tensor, routed_tensor_shapes
 from upcycle.safetensors_stream import TensorPlan, scan, write_sharded
 
 # ---------------------------------------------------------------- merge methods
@@ -199,12 +199,35 @@ class MergeResult:
 
 def fold_model(checkpoint: Checkpoint, base_folder: Path) -> torch.nn.Module:
     """Base model + trained tensors + merged LoRA, in memory."""
+    config = read_config(base_folder)
+    for file in checkpoint.tensors:
+        check_experts_fit({n: t.shape for n, t in scan([file]).items()}, config, file)
     model = load_model(base_folder)
     for file in checkpoint.tensors:
         overlay(model, load_tensors(file), file)
     if checkpoint.adapter is not None:
         model = merge_lora(model, checkpoint.adapter)
     return model
+
+
+def check_experts_fit(trained: dict[str, tuple[int, ...]], base_config, origin: Path) -> None:
+    """Trained expert tensors (name -> shape) must be the base's experts: the same names and shapes.
+
+    Checked from headers before anything loads, so a dense base, or one with another number of
+    experts, is an error that says so.
+    """
+    experts = (routed_tensor_shapes(base_config.num_hidden_layers, base_config.num_experts, base_config.hidden_size)
+               if base_config.is_moe else {})
+    for name, shape in trained.items():
+        if not is_routed_tensor(name):
+            continue
+        if not experts:
+            raise UpcycleError(f"{origin} holds expert tensors ({name}) but the base model is dense: pass the "
+                               "upcycled model the run trained (--base MODEL)")
+        if experts.get(name) != tuple(shape):
+            raise UpcycleError(f"{name} has shape {tuple(shape)} in {origin} but the base model's "
+                               f"{base_config.num_experts} experts per layer need {experts.get(name)}: pass the base "
+                               "the run trained (--base MODEL)")
 
 
 def overlay(model: torch.nn.Module, tensors: dict[str, torch.Tensor], origin: Path) -> None:
@@ -303,19 +326,17 @@ def checkpoint_source(path: Path, base: str | os.PathLike | None) -> TensorSourc
         return source
     source = model_source(base_folder, str(path))
     for file in checkpoint.tensors:
-        with safe_open(file, framework="pt") as handle:
-            names = list(handle.keys())
-        for name in names:
+        trained = scan([file])
+        check_experts_fit({n: t.shape for n, t in trained.items()}, read_config(base_folder), file)
+        for name, tensor in trained.items():
             if name not in source.tensors:
                 raise UpcycleError(f"{file} holds {name}, which the base {base_folder} lacks: pass --base MODEL")
             plan = source.tensors[name]
-            source.tensors[name] = TensorPlan(name, plan.dtype, plan.shape, lambda n=name, f=file: read_one(f, n))
+            if tuple(tensor.shape) != tuple(plan.shape):
+                raise UpcycleError(f"{name} has shape {tuple(tensor.shape)} in {file} but {tuple(plan.shape)} in the "
+                                   f"base {base_folder}: pass --base MODEL")
+            source.tensors[name] = TensorPlan(name, plan.dtype, plan.shape, tensor.read)
     return source
-
-
-def read_one(file: Path, name: str) -> torch.Tensor:
-    with safe_open(file, framework="pt") as handle:
-        return handle.get_tensor(name)
 
 
 def open_source(src: str | os.PathLike, base: str | os.PathLike | None) -> TensorSource:

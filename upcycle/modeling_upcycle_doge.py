@@ -44,15 +44,42 @@ except ImportError:  # pragma: no cover - exercised only where einx is absent
         return (x.unsqueeze(-1) + y.unsqueeze(-2)).flatten(-2)
 
 
-ROUTED_PARAMETER_NAMES = ("router_gate", "down_embed", "up_embed")
-
-
 def num_keys_for(num_experts: int) -> int:
     """Product-key count per half; ``num_experts`` must be a perfect square."""
     keys = math.isqrt(num_experts)
     if keys * keys != num_experts:
         raise ValueError(f"num_experts={num_experts} is not a perfect square (try {keys * keys} or {(keys + 1) ** 2})")
     return keys
+
+
+def routed_parameter_shapes(num_experts: int, hidden_size: int) -> dict[str, tuple[int, int]]:
+    """The expert tensors CDMoE adds to a dense MLP: module name -> shape of its ``weight``.
+
+    The one definition of the expert tensors (names and shapes). ``router_gate`` scores the two
+    product-key halves (``2 * num_keys`` logits per token); ``down_embed`` and ``up_embed`` hold
+    one ``hidden_size`` vector per expert.
+    """
+    num_keys = num_keys_for(num_experts)
+    return {
+        "router_gate": (2 * num_keys, hidden_size),
+        "down_embed": (num_experts, hidden_size),
+        "up_embed": (num_experts, hidden_size),
+    }
+
+
+ROUTED_PARAMETER_NAMES = tuple(routed_parameter_shapes(1, 1))
+
+
+def routed_tensor_shapes(num_layers: int, num_experts: int, hidden_size: int) -> dict[str, tuple[int, int]]:
+    """State-dict name -> shape of every expert tensor of a Doge MoE model (all ``num_layers`` layers)."""
+    per_layer = routed_parameter_shapes(num_experts, hidden_size)
+    return {f"model.layers.{layer}.mlp.{name}.weight": shape
+            for layer in range(num_layers) for name, shape in per_layer.items()}
+
+
+def is_routed_tensor(name: str) -> bool:
+    """``name`` is the state-dict name of an expert tensor (``...mlp.<router_gate|down_embed|up_embed>.weight``)."""
+    return name.endswith(tuple(f"mlp.{part}.weight" for part in ROUTED_PARAMETER_NAMES))
 
 
 def route(
@@ -150,10 +177,14 @@ class UpcycleDogeForCausalLM(DogeForCausalLM):
             logging.set_verbosity(verbosity)
         tensors = load_file(os.path.join(adapter, "experts.safetensors"))
         state = model.state_dict()
+        expected = routed_tensor_shapes(config.num_hidden_layers, config.num_experts, config.hidden_size)
         unknown = [name for name in tensors if name not in state]
-        missing = [n for n in state if n.rsplit(".", 2)[-2] in ROUTED_PARAMETER_NAMES and n not in tensors]
-        if unknown or missing:
-            raise ValueError(f"adapter {adapter} does not fit {base}: unknown {unknown[:3]}, missing {missing[:3]}")
+        missing = [name for name in expected if name not in tensors]
+        misshaped = [name for name, shape in expected.items()
+                     if name in tensors and tuple(tensors[name].shape) != shape]
+        if unknown or missing or misshaped:
+            raise ValueError(f"adapter {adapter} does not fit {base}: unknown {unknown[:3]}, missing {missing[:3]}, "
+                             f"wrong shape {misshaped[:3]}")
         with torch.no_grad():
             for name, tensor in tensors.items():
                 state[name].copy_(tensor.to(state[name].dtype))
