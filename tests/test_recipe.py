@@ -92,3 +92,50 @@ def test_balance_loss_prefers_spread_routing(moe_folder):
     collapsed[:, :, 0] = 10.0
     router.logits = [collapsed]
     assert spread == pytest.approx(1.0, abs=0.1) and router.balance_loss().item() > 1.5
+
+
+def continue_train_config(run_cli, *args: str) -> TrainConfig:
+    """The config ``upcycle continue-train ARGS`` would train with (the trainer itself is replaced)."""
+    from unittest import mock
+
+    with mock.patch("upcycle.train.continue_train") as trainer:
+        code, _, stderr = run_cli("continue-train", *args)
+    assert code == 0, stderr
+    return trainer.call_args.args[0]
+
+
+def test_continue_train_has_a_flag_for_every_key():
+    import click
+
+    from upcycle.commands.continue_train import command
+
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    assert set(KEYS) - {"model"} <= set(options)
+    assert all(options[k].default is None for k in KEYS if k != "model")  # unset flags leave the recipe alone
+    assert all(options[k].multiple for k in ("data", "eval_data", "retain_data"))
+    assert options["bf16"].opts == ["--bf16"] and options["bf16"].secondary_opts == ["--fp32"]
+    assert options["output_dir"].opts == ["-o", "--output-dir"]
+    assert list(options["train"].type.choices) == ["experts", "experts+lora", "lora", "all"]
+    assert list(options["decay_shape"].type.choices) == ["linear", "cosine"]
+    help_text = {k: options[k].help for k in KEYS if k not in ("model", "data")}  # --data has no default
+    assert all("[default:" in text for text in help_text.values()), help_text
+    assert "[default: 0.95]" in help_text["beta2"] and "[default: false]" in help_text["streaming"]
+
+
+def test_unset_flags_keep_the_recipe_and_set_flags_override_it(tmp_path, run_cli):
+    recipe = RECIPES / "tiny-cpu.yaml"
+    config = continue_train_config(run_cli, "m", "--recipe", recipe, "--data", "d/")
+    assert config == resolve_config(recipe, model="m", data=["d/"])
+    config = continue_train_config(run_cli, "m", "--recipe", recipe, "--data", "a/", "--data", "b/:0.5",
+                                   "--retain-data", "r/", "--retain-data", "s/", "--beta1", "0.8", "--eps", "1e-6",
+                                   "--min-lr-ratio", "0.1", "--lora-alpha", "8", "--lora-dropout", "0.05",
+                                   "--log-every", "5", "--retain-coef", "0", "--retain-tokens", "16",
+                                   "--retain-samples", "0", "--expert-lr-scale", "2", "--fp32", "--streaming",
+                                   "--decay-shape", "cosine", "-o", tmp_path / "run")
+    assert config.data == ["a/", "b/:0.5"] and config.retain_data == ["r/", "s/"]
+    assert (config.beta1, config.eps, config.min_lr_ratio, config.lora_alpha, config.lora_dropout) == (
+        0.8, 1e-6, 0.1, 8.0, 0.05)
+    assert (config.log_every, config.retain_coef, config.retain_tokens, config.retain_samples) == (5, 0.0, 16, 0)
+    assert config.expert_lr_scale == 2.0 and config.bf16 is False and config.streaming is True
+    assert config.decay_shape == "cosine" and config.output_dir == str(tmp_path / "run")
+    assert config.seq_len == 64  # still the recipe's

@@ -28,44 +28,57 @@ DataSpec = str | dict[str, Any]
 class TrainConfig:
     """Every setting of ``upcycle continue-train`` (recipe keys and flags)."""
 
-    model: str = ""  # MODEL: an upcycled (or, for lora/all, dense) checkpoint folder or Hub id
-    data: list[DataSpec] = field(default_factory=list)  # training sources, "PATH[:WEIGHT]" or mappings
-    eval_data: list[DataSpec] = field(default_factory=list)  # held-out sources; empty: a split of data
-    retain_data: list[DataSpec] = field(default_factory=list)  # text the model knows and must not forget
-    output_dir: str | None = None  # RUN folder; default runs/<model name>-<train>
-    train: str = "experts"  # experts | experts+lora | lora | all
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 8  # blocks per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    seq_len: int = 2048  # tokens per block
-    lr: float = 1e-3  # peak (stable-stage) learning rate
-    min_lr_ratio: float = 0.0  # lr at the end of the decay, as a fraction of lr
-    warmup: float = 0.01  # fraction of max_steps spent warming up linearly
-    decay: float = 0.1  # fraction of max_steps (the last ones) spent decaying
-    decay_shape: str = "linear"  # linear | cosine
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip: float = 1.0  # gradient-norm clip; 0 disables
-    balance_coef: float = 0.0  # router load-balancing loss coefficient; 0 disables
-    retain_coef: float = 1e-3  # expert-off penalty on retain tokens (experts modes); 0 disables
-    retain_tokens: int = 1024  # retain tokens per layer per step for the penalty
-    retain_samples: int = 64  # blocks sampled from the dense model when no retain_data is given; 0: none
-    expert_lr_scale: float = 1.0  # lr of down_embed/up_embed relative to lr (router keeps lr)
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
-    bf16: bool = True  # bf16 autocast on GPU; CPU always trains in fp32
-    streaming: bool = False  # stream Hub datasets instead of downloading them whole
-    eval_every: int = 200  # steps between eval-loss measurements; 0: only at start and end
-    eval_blocks: int = 32  # held-out blocks of seq_len tokens
-    save_every: int = 500  # steps between checkpoints; 0: only on interrupt
-    keep_checkpoints: int = 0  # keep only the newest N checkpoints; 0 keeps all
-    log_every: int = 1  # steps between metrics.jsonl rows
-    report_to: str = "auto"  # auto (tensorboard when installed) | none | tensorboard | wandb | "tensorboard,wandb"
-    seed: int = 0
+    model: str = field(default="", metadata={
+        "help": "MODEL: an upcycled (or, for lora and all, dense) checkpoint folder or Hub id."})
+    data: list[DataSpec] = field(default_factory=list, metadata={
+        "help": "Training text: a file, folder or hf:org/name, optionally PATH:WEIGHT; repeat to mix sources "
+                "(required: here or in the recipe)."})
+    eval_data: list[DataSpec] = field(default_factory=list, metadata={
+        "help": "Held-out text (same syntax as --data).  [default: a split of --data]"})
+    retain_data: list[DataSpec] = field(default_factory=list, metadata={
+        "help": "Text the model already knows and must not forget, for the retain penalty (same syntax as --data).  "
+                "[default: --retain-samples blocks sampled from the base model]"})
+    output_dir: str | None = field(default=None, metadata={"help": "Run folder.  [default: runs/MODELNAME-TRAIN]"})
+    train: str = field(default="experts", metadata={"help": "What trains (lora and all also train a dense model)."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=8, metadata={"help": "Blocks per process per micro-step."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    seq_len: int = field(default=2048, metadata={"help": "Tokens per block."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak (stable-stage) learning rate."})
+    min_lr_ratio: float = field(default=0.0, metadata={
+        "help": "Learning rate at the end of the decay, as a fraction of --lr."})
+    warmup: float = field(default=0.01, metadata={"help": "Linear warmup, as a fraction of --max-steps."})
+    decay: float = field(default=0.1, metadata={"help": "Decay over the last fraction of --max-steps."})
+    decay_shape: str = field(default="linear", metadata={"help": "Shape of the decay."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decoupled weight decay (matrices only)."})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0 disables)."})
+    balance_coef: float = field(default=0.0, metadata={"help": "Router load-balancing loss coefficient (0 disables)."})
+    retain_coef: float = field(default=1e-3, metadata={
+        "help": "Expert-off penalty on retain tokens in the experts modes (0 disables)."})
+    retain_tokens: int = field(default=1024, metadata={"help": "Retain tokens per layer per step for the penalty."})
+    retain_samples: int = field(default=64, metadata={
+        "help": "Blocks sampled from the base model when no --retain-data is given (0: none)."})
+    expert_lr_scale: float = field(default=1.0, metadata={
+        "help": "Learning rate of down_embed/up_embed relative to --lr (the router keeps --lr)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (updates are scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward pass (less memory, more time)."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (CPU always trains in fp32)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream Hub datasets instead of downloading them whole."})
+    eval_every: int = field(default=200, metadata={
+        "help": "Steps between eval losses (0: only at the start and the end)."})
+    eval_blocks: int = field(default=32, metadata={"help": "Held-out blocks of --seq-len tokens to evaluate."})
+    save_every: int = field(default=500, metadata={"help": "Steps between checkpoints (0: only on interrupt)."})
+    keep_checkpoints: int = field(default=0, metadata={"help": "Keep only the newest N checkpoints (0 keeps all)."})
+    log_every: int = field(default=1, metadata={"help": "Steps between metrics.jsonl rows."})
+    report_to: str = field(default="auto", metadata={
+        "help": "Trackers: auto (tensorboard when installed), none, tensorboard, wandb, or a comma-separated list."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order, eval split and LoRA init."})
 
     def global_batch(self, world_size: int) -> int:
         """Blocks per optimizer step."""
