@@ -48,14 +48,14 @@ def test_two_processes_match_one_at_the_same_global_batch(run_cli, moe_folder, c
     assert done.returncode == 0, done.stderr[-3000:]
     state = json_of(two / "checkpoint-3" / "state.json")
     assert state["world_size"] == 2 and state["blocks_consumed"] == 3 * 2 * 2
-    assert (two / "checkpoint-3" / "rng-1.pt").is_file()
+    assert (two / "checkpoint-3" / "rng-1.json").is_file()
 
     one = tmp_path / "one"
     assert run_cli(*common(moe_folder, code_text_dir, one, batch=4))[0] == 0
     small = tmp_path / "small"
     assert run_cli(*common(moe_folder, code_text_dir, small, batch=2))[0] == 0
 
-    assert max_diff(two, one) <= 1e-5
+    assert max_diff(two, one) <= 3e-5  # float noise of a different reduction order
     assert max_diff(two, small) > 1e-4  # a run that silently used one process would match this one
     trained = load_file(one / "experts.safetensors")
     assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in trained.items() if "up_embed" in k)

@@ -70,7 +70,7 @@ def test_trains_experts_only_and_lowers_heldout_loss(run_cli, moe_folder, code_t
     assert summary["trainable_params"] == sum(before[k].numel() for k in experts)
     assert summary["tokens_seen"] == 40 * 4 * 64 and math.isclose(summary["final_eval_loss"], evals[-1])
     assert (run / "final" / "training_summary.json").is_file()
-    optimizer = torch.load(run / "checkpoint-40" / "optimizer.pt", weights_only=False)
+    optimizer = torch.load(run / "checkpoint-40" / "optimizer.pt", weights_only=True)
     assert len(optimizer["state"]) == len(experts)  # state for trainable tensors only
     assert sorted(load_file(run / "checkpoint-20" / "trainable.safetensors")) == sorted(experts)
     assert "lr: 0.01" in (run / "config.yaml").read_text()

@@ -81,6 +81,33 @@ def validate(num_experts: int, experts_per_token: int) -> None:
         raise UpcycleError(f"--experts-per-token {experts_per_token} must be between 1 and --experts ({num_experts})")
 
 
+def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int] | None:
+    """Layers that route experts: ``None``/``"all"``; ``"top-half"``; ``"top:N"``; or ``"4-7,9"`` (0-based)."""
+    if spec is None or spec == "all":
+        return None
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "top-half":
+            picked = list(range(num_layers // 2, num_layers))
+        elif text.startswith("top:") and text[4:].isdigit():
+            picked = list(range(num_layers - int(text[4:]), num_layers))
+        else:
+            picked = []
+            for part in filter(None, text.replace(" ", "").split(",")):
+                low, _, high = part.partition("-")
+                if not (low.isdigit() and (not high or high.isdigit())):
+                    raise UpcycleError(f"--layers {spec!r} is not a layer list: write all, top-half, top:N "
+                                       "or indices like 4-7,9 (0-based)")
+                picked += range(int(low), int(high or low) + 1)
+    else:
+        picked = list(spec)
+    if not picked or any(not 0 <= i < num_layers for i in picked):
+        raise UpcycleError(f"--layers {spec!r} must pick layers among 0..{num_layers - 1} (the model has "
+                           f"{num_layers})")
+    picked = sorted(set(picked))
+    return None if len(picked) == num_layers else picked
+
+
 def new_tensor(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
     """Initial value of a grafted tensor, reproducible per (seed, name)."""
     if name.endswith("up_embed.weight"):
@@ -121,16 +148,21 @@ def check_dense_tensors(source: dict[str, SourceTensor], config, folder: Path) -
 def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | None = None,
            out: str | os.PathLike | None = None, force: bool = False, seed: int = 0,
            dtype: str | torch.dtype | None = None, max_shard_size: str | int = "2GB",
-           progress: bool = True) -> ExpandResult:
+           progress: bool = True, layers: str | list[int] | None = None) -> ExpandResult:
     """Write an upcycled copy of the dense Doge checkpoint ``src`` with ``num_experts`` experts per layer.
 
-    The result computes the same function as ``src`` and is ready for ``continue_train``.
+    The result computes the same function as ``src`` and is ready for ``continue_train``. ``layers``
+    (see :func:`parse_layers`) routes experts only in some layers: the others still hold (zero)
+    expert tensors, so stock transformers loads the folder and computes the same function, but
+    upcycle's model skips them and trains only the chosen ones; the backward pass then stops at the
+    lowest chosen layer.
     """
     k = default_experts_per_token(num_experts) if experts_per_token is None else experts_per_token
     validate(num_experts, k)
     max_shard_size = parse_size(max_shard_size)
     folder = resolve_source(src)
     config = read_config(folder)
+    active = parse_layers(layers, config.num_hidden_layers)
     if config.is_moe:
         raise UpcycleError(f"{src} already has {config.num_experts} experts per layer: growing an upcycled "
                            "checkpoint is not supported yet; expand its dense source, or continue-train it as is")
@@ -147,6 +179,8 @@ def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | No
     raw.pop("transformers_version", None)
     raw.update(is_moe=True, num_experts=num_experts, num_experts_per_tok=k)
     raw["upcycle"] = {"base_model": str(src), "seed": seed, "init": "up_embed zero"}
+    if active is not None:
+        raw["upcycle_expert_layers"] = active
     if dtype is not None:
         raw["dtype"] = str(dtype).removeprefix("torch.")
 
@@ -162,4 +196,5 @@ def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | No
 
     before = count(set(source))
     added_count = count(set(added))
-    return ExpandResult(out, before, before + added_count, added_count, added_count, written, num_experts, k)
+    trainable = count({n for n in added if active is None or int(n.split(".")[2]) in active})
+    return ExpandResult(out, before, before + added_count, added_count, trainable, written, num_experts, k)

@@ -106,9 +106,10 @@ class CausalCDMoE(DogeCDMoE):
     first), so transformers' load-balancing loss can consume it unchanged.
     """
 
-    def __init__(self, config: DogeConfig):
+    def __init__(self, config: DogeConfig, routed: bool = True):
         num_keys_for(config.num_experts)
         super().__init__(config)
+        self.routed = routed  # False: the layer holds expert tensors but computes only the shared MLP
 
     def routed_experts(self, flat_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert term for ``(N, hidden)`` states; returns it and ``(N, 2, keys)`` logits."""
@@ -125,11 +126,13 @@ class CausalCDMoE(DogeCDMoE):
         )
         return expert_states, router_logits
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shared = self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        if not self.routed:
+            return shared, None
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         expert_states, router_logits = self.routed_experts(flat)
-        shared = self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
         output = shared + expert_states.view(shape).to(shared.dtype)
         return output, router_logits.transpose(0, 1)
 
@@ -137,14 +140,17 @@ class CausalCDMoE(DogeCDMoE):
 class UpcycleDogeForCausalLM(DogeForCausalLM):
     """``DogeForCausalLM`` whose MoE layers use :class:`CausalCDMoE`.
 
-    Loads any Doge checkpoint (dense or MoE) with no missing or unexpected keys.
+    Loads any Doge checkpoint (dense or MoE) with no missing or unexpected keys. A config key
+    ``upcycle_expert_layers`` (a list of layer indices) routes experts in those layers only; the
+    others hold zero experts (so stock transformers computes the same function) and skip them.
     """
 
     def __init__(self, config: DogeConfig):
         super().__init__(config)
         if config.is_moe:
-            for layer in self.model.layers:
-                layer.mlp = CausalCDMoE(config).to(
+            active = getattr(config, "upcycle_expert_layers", None)
+            for index, layer in enumerate(self.model.layers):
+                layer.mlp = CausalCDMoE(config, routed=active is None or index in active).to(
                     device=layer.mlp.gate_proj.weight.device, dtype=layer.mlp.gate_proj.weight.dtype
                 )
             self.post_init()

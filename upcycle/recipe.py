@@ -20,6 +20,8 @@ import yaml
 from upcycle.errors import UpcycleError
 
 TRAIN_MODES = ("experts", "experts+lora", "lora", "all")
+# measured on bench/frontier.py (bench/RESULTS.md): experts-only gains most at 1e-2
+DEFAULT_LR = {"experts": 1e-2, "experts+lora": 1e-2, "lora": 1e-3, "all": 1e-4}
 DECAY_SHAPES = ("linear", "cosine")
 DataSpec = str | dict[str, Any]
 
@@ -44,7 +46,9 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "Blocks per process per micro-step."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     seq_len: int = field(default=2048, metadata={"help": "Tokens per block."})
-    lr: float = field(default=1e-3, metadata={"help": "Peak (stable-stage) learning rate."})
+    lr: float | None = field(default=None, metadata={
+        "help": "Peak (stable-stage) learning rate.  [default: by --train: "
+                + ", ".join(f"{mode} {value:g}" for mode, value in DEFAULT_LR.items()) + "]"})
     min_lr_ratio: float = field(default=0.0, metadata={
         "help": "Learning rate at the end of the decay, as a fraction of --lr."})
     warmup: float = field(default=0.01, metadata={"help": "Linear warmup, as a fraction of --max-steps."})
@@ -80,6 +84,10 @@ class TrainConfig:
         "help": "Trackers: auto (tensorboard when installed), none, tensorboard, wandb, or a comma-separated list."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, eval split and LoRA init."})
 
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.train, 1e-3)
+
     def global_batch(self, world_size: int) -> int:
         """Blocks per optimizer step."""
         return self.batch_size * self.grad_accum * world_size
@@ -100,6 +108,9 @@ def coerce(key: str, value: Any) -> Any:
             if type(None) in typing.get_args(kind):
                 return None
             raise ValueError("null")
+        optional = [a for a in typing.get_args(kind) if a is not type(None)]
+        if type(None) in typing.get_args(kind) and len(optional) == 1 and optional[0] in (int, float, bool):
+            kind = optional[0]  # e.g. ``lr: float | None``
         if kind is bool:
             if isinstance(value, str):
                 value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[value.lower()]

@@ -8,9 +8,12 @@ update equals a single process run at the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,12 +21,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from upcycle.checkpoint import RunFolder, find_checkpoint, read_state, set_rng_state
+from upcycle.checkpoint import RunFolder, find_checkpoint, read_json, read_state, set_rng_state
 from upcycle.errors import UpcycleError
 from upcycle.folder import read_config, resolve_source
 from upcycle.recipe import TrainConfig, validate
 from upcycle.session import Session, open_session
-from upcycle.trainable import RouterLogits
+from upcycle.retain import RetainPenalty
+from upcycle.routing_stats import collect
+from upcycle.trainable import RouterLogits, apply_schedule
 
 
 @dataclass
@@ -65,40 +70,64 @@ def check_model(config: TrainConfig) -> Path:
     return folder
 
 
-def batch_loss(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig,
-               router: RouterLogits | None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig, router: RouterLogits | None,
+               retain: RetainPenalty | None = None, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimize, language-model loss) of one micro-batch."""
     if router is not None:
         router.logits.clear()
     lm_loss = model(input_ids=blocks, labels=blocks, use_cache=False).loss
-    if router is None:
-        return lm_loss, lm_loss
-    return lm_loss + config.balance_coef * router.balance_loss(), lm_loss
+    loss = lm_loss
+    if router is not None:
+        loss = loss + config.balance_coef * router.balance_loss()
+    if retain is not None:
+        loss = loss + retain(step)
+    return loss, lm_loss
 
 
 @torch.no_grad()
-def evaluate(session: Session) -> float:
-    """Mean next-token loss on the held-out blocks (each process takes an equal share)."""
-    acc, model, blocks = session.accelerator, session.model, session.eval_blocks
+def mean_loss(session: Session, blocks: torch.Tensor) -> float:
+    """Mean next-token loss over ``blocks`` (each process takes an equal share)."""
+    acc, model = session.accelerator, session.model
     world, rank = acc.num_processes, acc.process_index
     usable = blocks[: len(blocks) // world * world]
     mine = usable[rank::world].to(acc.device)
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-    model.eval()
     for start in range(0, len(mine), session.config.batch_size):
         batch = mine[start:start + session.config.batch_size]
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         count = batch.shape[0] * (batch.shape[1] - 1)
         total += torch.tensor([loss.double().item() * count, count], dtype=torch.float64, device=acc.device)
-    model.train()
-    if session.router is not None:
-        session.router.logits.clear()
     total = acc.reduce(total, "sum")
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
 
 
+def evaluate(session: Session) -> dict[str, float]:
+    """Held-out loss and routing health (``routing/...``); with retain blocks, their loss and routing too."""
+    acc = session.accelerator
+    unwrapped = acc.unwrap_model(session.model)
+    session.model.eval()
+    out: dict[str, float] = {}
+    try:
+        for name, blocks, prefix in (("eval_loss", session.eval_blocks, "routing"),
+                                     ("retain_loss", session.retain_eval, "retain_routing")):
+            if blocks is None or not len(blocks):
+                continue
+            with collect(unwrapped) as stats:
+                out[name] = mean_loss(session, blocks)
+            stats.reduce(lambda t: acc.reduce(t.to(acc.device), "sum"))
+            out.update(stats.metrics(prefix))
+    finally:
+        session.model.train()
+        if session.router is not None:
+            session.router.logits.clear()
+    return out
+
+
 def train_step(session: Session, blocks: torch.Tensor) -> tuple[float, float]:
-    """One optimizer step on the global blocks; returns (lm loss, grad norm). Raises on a non-finite loss."""
+    """Gradients of one optimizer step on the global blocks, clipped; returns (lm loss, grad norm).
+
+    The update itself is :func:`apply_update`. Raises on a non-finite loss or gradient.
+    """
     acc, config, model = session.accelerator, session.config, session.model
     per, world, rank = config.batch_size, acc.num_processes, acc.process_index
     lm_total = torch.zeros((), device=acc.device)
@@ -106,11 +135,13 @@ def train_step(session: Session, blocks: torch.Tensor) -> tuple[float, float]:
         start = (micro * world + rank) * per
         batch = blocks[start:start + per].to(acc.device)
         with acc.accumulate(model):
-            loss, lm_loss = batch_loss(model, batch, config, session.router)
+            loss, lm_loss = batch_loss(model, batch, config, session.router, session.retain, session.step)
             acc.backward(loss)
         lm_total += lm_loss.detach() / config.grad_accum
     lm_value = acc.reduce(lm_total, "mean").item()
-    norm = acc.clip_grad_norm_(session.trainable, config.clip if config.clip > 0 else math.inf)
+    # model.parameters(), not the trainable list: under FSDP accelerate then computes the global norm
+    # (frozen tensors have no gradient and add nothing).
+    norm = acc.clip_grad_norm_(model.parameters(), config.clip if config.clip > 0 else math.inf)
     norm_value = float(norm) if norm is not None else math.nan
     if not math.isfinite(lm_value) or (norm is not None and not math.isfinite(norm_value)):
         session.optimizer.zero_grad(set_to_none=True)
@@ -118,10 +149,31 @@ def train_step(session: Session, blocks: torch.Tensor) -> tuple[float, float]:
         raise UpcycleError(f"non-finite loss ({lm_value}) or gradient ({norm_value}) at step {session.step + 1}: "
                            f"stopped without saving; last good checkpoint: {last or 'none'}; "
                            "lower --lr or raise the warmup")
-    session.optimizer.step()
-    session.scheduler.step()
-    session.optimizer.zero_grad(set_to_none=True)
     return lm_value, norm_value
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block ends, so weights, step count and data position move together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def apply_update(session: Session) -> None:
+    """Apply the step's update and count it (inside :func:`deferred_interrupt`, with its metrics row)."""
+    session.optimizer.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    session.step += 1
+    session.saved = {}  # at a step boundary: an interrupt saves the live state
 
 
 def log_row(session: Session, row: dict) -> None:
@@ -141,6 +193,7 @@ def run_loop(session: Session, progress: bool) -> tuple[float | None, float | No
     tokens_per_step = global_blocks * config.seq_len
     stream = iter(session.stream)
     train_loss = eval_loss = None
+    used = None  # mean fraction of experts used at the last eval, for the progress bar
     bar = tqdm(total=config.max_steps, initial=session.step, desc="continue-train", dynamic_ncols=True,
                disable=not (progress and acc.is_main_process))
     with bar:
@@ -148,20 +201,24 @@ def run_loop(session: Session, progress: bool) -> tuple[float | None, float | No
             session.snapshot()
             started = time.perf_counter()
             blocks = torch.stack([next(stream) for _ in range(global_blocks)])
-            lr = session.scheduler.get_last_lr()[0]
+            lr = config.lr * apply_schedule(session.optimizer, session.schedule, session.step)
             train_loss, norm = train_step(session, blocks)
-            session.step += 1
-            session.saved = {}  # at a step boundary: an interrupt saves the live state
-            speed = tokens_per_step / max(time.perf_counter() - started, 1e-9)
-            if session.step % config.log_every == 0 or session.step == config.max_steps:
-                log_row(session, {"step": session.step, "loss": train_loss, "lr": lr,
-                                  "tokens": session.step * tokens_per_step, "tokens_per_s": speed,
-                                  "grad_norm": norm})
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed:,.0f}", lr=f"{lr:.2e}", refresh=False)
+            with deferred_interrupt():  # weights, step count, data position and metrics move together
+                apply_update(session)
+                speed = tokens_per_step / max(time.perf_counter() - started, 1e-9)
+                if session.step % config.log_every == 0 or session.step == config.max_steps:
+                    log_row(session, {"step": session.step, "loss": train_loss, "lr": lr,
+                                      "tokens": session.step * tokens_per_step, "tokens_per_s": speed,
+                                      "grad_norm": norm})
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed:,.0f}", lr=f"{lr:.2e}",
+                            **({"used": used} if used else {}), refresh=False)
             bar.update()
             if session.step == config.max_steps or (config.eval_every and session.step % config.eval_every == 0):
-                eval_loss = evaluate(session)
-                log_row(session, {"step": session.step, "eval_loss": eval_loss})
+                measured = evaluate(session)
+                eval_loss = measured.get("eval_loss")
+                log_row(session, {"step": session.step, **measured})
+                if "routing/used" in measured:
+                    used = f"{measured['routing/used']:.0%}"
             if session.step == config.max_steps or (config.save_every and session.step % config.save_every == 0):
                 session.save_checkpoint(train_loss, eval_loss)
     return train_loss, eval_loss
@@ -186,11 +243,13 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
         check_resumable(read_state(checkpoint), config, folder)
         if run.resolve() != checkpoint.parent.resolve():
             RunFolder(run).check_fresh(force)
+        else:
+            RunFolder(run).written()  # every manifest entry inside RUN, before anything is written
     else:
         run = Path(config.output_dir) if config.output_dir else default_run(config.model, config.train)
         RunFolder(run).check_fresh(force)
     config.output_dir = str(run)
-    session = open_session(config, folder, RunFolder(run), checkpoint)
+    session = open_session(config, folder, RunFolder(run), checkpoint, progress)
     try:
         return train_session(session, checkpoint, progress)
     finally:
@@ -206,10 +265,23 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+UNCHANGEABLE = {"train": "--train", "seq_len": "--seq-len", "data": "--data", "seed": "--seed"}
+
+
 def check_resumable(state: dict, config: TrainConfig, folder: Path) -> None:
-    if state.get("train") != config.train or state.get("base_model_path") != str(folder.resolve()):
-        raise UpcycleError(f"the checkpoint trained {state.get('train')} on {state.get('base_model_path')}, not "
-                           f"{config.train} on {folder.resolve()}: resume with the same MODEL and --train")
+    """Refuse a resume whose config changes what the checkpoint cannot carry over, naming the setting.
+
+    Schedule and optimizer hyper-parameters (--max-steps, --lr, --warmup, --decay, --weight-decay...)
+    may change: the resumed run follows the new values.
+    """
+    if state.get("base_model_path") != str(folder.resolve()):
+        raise UpcycleError(f"the checkpoint trained {state.get('base_model_path')}, not {folder.resolve()}: "
+                           "resume with the same MODEL")
+    now = {"train": config.train, "seq_len": config.seq_len, "data": config.data, "seed": config.seed}
+    for key, flag in UNCHANGEABLE.items():
+        if key in state and state[key] != now[key]:
+            raise UpcycleError(f"the checkpoint was trained with {flag} {state[key]}, this run asks for "
+                               f"{now[key]}: a resume cannot change {flag}; start a new run (without --resume)")
     if state["step"] > config.max_steps:
         raise UpcycleError(f"the checkpoint is at step {state['step']}, beyond --max-steps {config.max_steps}")
 
@@ -219,10 +291,11 @@ def train_session(session: Session, checkpoint: Path | None, progress: bool) -> 
     acc, config = session.accelerator, session.config
     initial_eval = None
     if checkpoint is None and config.eval_blocks:
-        initial_eval = evaluate(session)
-        log_row(session, {"step": 0, "eval_loss": initial_eval})
+        measured = evaluate(session)
+        initial_eval = measured.get("eval_loss")
+        log_row(session, {"step": 0, **measured})
     if checkpoint is not None:
-        set_rng_state(torch.load(rng_file(checkpoint, acc.process_index), weights_only=False))
+        set_rng_state(read_json(rng_file(checkpoint, acc.process_index)))
     try:
         train_loss, eval_loss = run_loop(session, progress)
     except KeyboardInterrupt:
@@ -241,6 +314,6 @@ def train_session(session: Session, checkpoint: Path | None, progress: bool) -> 
 
 def rng_file(checkpoint: Path, rank: int) -> Path:
     """This rank's RNG state, or rank 0's when resuming on more processes than were saved."""
-    path = checkpoint / f"rng-{rank}.pt"
-    return path if path.is_file() else checkpoint / "rng-0.pt"
+    path = checkpoint / f"rng-{rank}.json"
+    return path if path.is_file() else checkpoint / "rng-0.json"
 

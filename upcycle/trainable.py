@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from upcycle.modeling_upcycle_doge import ROUTED_PARAMETER_NAMES, CausalCDMoE
+from upcycle.errors import UpcycleError
 from upcycle.recipe import TrainConfig
 
 EXPERT_SUFFIXES = tuple(f"mlp.{part}.weight" for part in ROUTED_PARAMETER_NAMES)
@@ -24,22 +25,31 @@ def base_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 
 
+def routed_expert_names(model: nn.Module) -> set[str]:
+    """Parameter names of the expert tensors in layers that route (all CDMoE layers unless
+    ``expand --layers`` chose some)."""
+    return {f"{name}.{part}.weight" for name, module in model.named_modules()
+            if isinstance(module, CausalCDMoE) and module.routed for part in ROUTED_PARAMETER_NAMES}
+
+
 def select_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Freeze all but the ``config.train`` tensors; wrap with LoRA when asked. Returns the model to train.
 
     ``experts`` modes need an MoE model (``train.check_model`` rejects dense ones first).
     """
     mode = config.train
+    routed = routed_expert_names(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(mode == "all" or (mode.startswith("experts") and is_expert(name)))
+        param.requires_grad_(mode == "all" or (mode.startswith("experts") and name in routed))
     if "lora" in mode:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
+        routed = routed_expert_names(model)
         for name, param in model.named_parameters():
-            if mode == "experts+lora" and is_expert(name):
+            if mode == "experts+lora" and name in routed:
                 param.requires_grad_(True)
     return model
 
@@ -48,13 +58,54 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def is_expert_table(name: str) -> bool:
+    """``down_embed``/``up_embed`` (the expert tables), as opposed to the router."""
+    return is_expert(name) and "router_gate" not in name
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """Optimizer groups of the trainable tensors with the current config's hyper-parameters.
+
+    Vectors (norms, biases) get no weight decay; the expert tables get ``lr * expert_lr_scale``.
+    Each group carries ``base_lr``, the stable-stage lr that :func:`apply_schedule` scales.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in trainable_parameters(model).items():
+        groups.setdefault((p.ndim >= 2, is_expert_table(name)), []).append(p)
+    out = []
+    for (matrix, table), params in sorted(groups.items()):
+        out.append({"params": params, "weight_decay": config.weight_decay if matrix else 0.0,
+                    "base_lr": config.lr * (config.expert_lr_scale if table else 1.0)})
+    return out
+
+
+def group_hyperparameters(config: TrainConfig) -> dict:
+    return {"betas": (config.beta1, config.beta2), "eps": config.eps}
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable tensors only; no weight decay on vectors (norms, biases)."""
-    params = list(trainable_parameters(model).values())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2),
-                             eps=config.eps)
+    """AdamW over the trainable tensors only (groups from :func:`param_groups`), at the step-0 lr."""
+    groups = param_groups(model, config)
+    for group in groups:
+        group["lr"] = group["base_lr"]
+    return torch.optim.AdamW(groups, **group_hyperparameters(config))
+
+
+def adopt_hyperparameters(optimizer: torch.optim.Optimizer, model: nn.Module, config: TrainConfig) -> None:
+    """After loading a saved optimizer state: keep its moments, take every hyper-parameter from ``config``.
+
+    ``load_state_dict`` restores the saved run's lr, weight decay, betas and eps; a resumed run
+    must follow the plan it is given now.
+    """
+    fresh = param_groups(model, config)
+    if len(fresh) != len(optimizer.param_groups):
+        raise UpcycleError("the checkpoint's optimizer has other parameter groups than this run "
+                           f"({len(optimizer.param_groups)} vs {len(fresh)}): resume with the same --train, "
+                           "--weight-decay sign and expert lr setting, or start a new run")
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update({"weight_decay": new["weight_decay"], "base_lr": new["base_lr"],
+                      **group_hyperparameters(config)})
+        group.pop("initial_lr", None)
 
 
 class WarmupStableDecay:
@@ -67,6 +118,10 @@ class WarmupStableDecay:
         self.shape = shape
         self.min_ratio = min_ratio
 
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "WarmupStableDecay":
+        return cls(config.max_steps, config.warmup, config.decay, config.decay_shape, config.min_lr_ratio)
+
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
@@ -78,10 +133,17 @@ class WarmupStableDecay:
         return self.min_ratio + (1 - self.min_ratio) * falloff
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    schedule = WarmupStableDecay(config.max_steps, config.warmup, config.decay, config.decay_shape,
-                                 config.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def apply_schedule(optimizer: torch.optim.Optimizer, schedule: WarmupStableDecay, step: int) -> float:
+    """Set every group's lr for optimizer step ``step`` (0-based) from the schedule; returns the factor.
+
+    The lr is a pure function of the step and the current config, so nothing about the schedule is
+    saved in checkpoints: a resumed run with a new --max-steps, --lr, --warmup or --decay follows
+    the new plan from the step it resumes at.
+    """
+    factor = schedule(step)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return factor
 
 
 class RouterLogits:
@@ -89,7 +151,7 @@ class RouterLogits:
 
     def __init__(self, model: nn.Module):
         self.logits: list[torch.Tensor] = []
-        self.layers = [m for m in model.modules() if isinstance(m, CausalCDMoE)]
+        self.layers = [m for m in model.modules() if isinstance(m, CausalCDMoE) and m.routed]
         self.handles = [m.register_forward_hook(self.hook) for m in self.layers]
 
     def hook(self, module: nn.Module, args, output) -> None:

@@ -1,0 +1,129 @@
+"""Cost of a training step of the default experts-only recipe against full fine-tuning of the dense model.
+
+Doge-20M shape (8 layers, hidden 256, ff 512, 2 heads, 1 kv head, vocab 32768, tied embeddings),
+batch 4 x 256 tokens, AdamW; random weights (the cost does not depend on them). Variants:
+
+- ``full``: the dense model, every tensor trains (`--train all`);
+- ``experts``: 1024 experts / 8 per token in every layer, experts-only, with the retain penalty
+  (the default recipe: 1024 retain tokens per layer per step);
+- ``experts-top``: the same with experts in the top half of the layers (`expand --layers top-half`).
+
+Each step is built from the trainer's own pieces (`select_trainable`, `build_optimizer`,
+`batch_loss` with `RetainPenalty`). Time: median of interleaved repeats after warm-up, one process.
+Peak memory: extra peak RSS of the steps, each variant in its own subprocess (CPU) or
+``max_memory_allocated`` (CUDA).
+
+    python bench/recipe_cost.py [--device cuda] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import DogeConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.train_step import RESULTS, hardware, interleaved, peak_extra  # noqa: E402
+from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM  # noqa: E402
+from upcycle.recipe import resolve_config  # noqa: E402
+from upcycle.retain import build_penalty  # noqa: E402
+from upcycle.train import batch_loss  # noqa: E402
+from upcycle.trainable import build_optimizer, select_trainable  # noqa: E402
+
+VARIANTS = ("full", "experts", "experts-top")
+SHAPE = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
+             num_key_value_heads=1, tie_word_embeddings=True)
+
+
+def build(variant: str, device: str, bsz: int, seq: int) -> Callable[[], None]:
+    """One optimizer step of ``variant`` as a closure."""
+    torch.manual_seed(0)
+    if variant == "full":
+        config = DogeConfig(**SHAPE)
+    else:
+        config = DogeConfig(**SHAPE, is_moe=True, num_experts=1024, num_experts_per_tok=8)
+        if variant == "experts-top":
+            config.upcycle_expert_layers = list(range(4, 8))
+    model = UpcycleDogeForCausalLM(config).to(device).train()
+    train = resolve_config(None, model="m", data=["d"], train="all" if variant == "full" else "experts", lr=1e-3)
+    model = select_trainable(model, train)
+    optimizer = build_optimizer(model, train)
+    retain = None
+    if variant != "full":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "up_embed" in name:
+                    p.zero_()
+        blocks = torch.randint(0, 32768, (64, seq), generator=torch.Generator().manual_seed(3))
+        retain = build_penalty(model, blocks.to(device), train.retain_coef, train.retain_tokens, seed=0)
+    ids = torch.randint(0, 32768, (bsz, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    state = {"step": 0}
+
+    def step() -> None:
+        loss, _ = batch_loss(model, ids, train, None, retain, state["step"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+
+    return step
+
+
+def memory(device: str, bsz: int, seq: int) -> dict[str, float]:
+    if device.startswith("cuda"):
+        return {v: peak_extra(build(v, device, bsz, seq), device) for v in VARIANTS}
+    out = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--memory-of", v, "--batch", str(bsz), "--seq", str(seq)]
+        out[v] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_of:
+        print(json.dumps(peak_extra(build(args.memory_of, args.device, args.batch, args.seq), args.device)))
+        return
+    where = hardware(args.device)
+    steps = {v: build(v, args.device, args.batch, args.seq) for v in VARIANTS}
+    times = interleaved(steps, args.repeats, args.warmup, args.device)
+    del steps
+    mem = memory(args.device, args.batch, args.seq)
+    rows = ["| variant | step time (ms) | time / full | tokens/s | peak extra memory (MB) |", "|---|---|---|---|---|"]
+    for v in VARIANTS:
+        rows.append(f"| {v} | {times[v] * 1e3:.0f} | **{times[v] / times['full']:.2f}x** | "
+                    f"{args.batch * args.seq / times[v]:,.0f} | {mem[v]:.0f} |")
+    cmd = "python bench/recipe_cost.py" + (f" --device {args.device}" if args.device != "cpu" else "")
+    section = (f"## recipe cost: default experts-only step vs full fine-tuning, Doge-20M shape ({args.device})\n\n"
+               f"{datetime.date.today()}, {where}. Command: `{cmd}`. Batch {args.batch} x {args.seq} tokens; "
+               f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up. `experts`: 1024 experts, "
+               "8 per token, every layer, retain penalty on (1024 tokens per layer); `experts-top`: the same in "
+               "layers 4-7 only (`expand --layers top-half`).\n\n" + "\n".join(rows))
+    print(section)
+    if not args.no_write:
+        kind = "cuda" if args.device.startswith("cuda") else "cpu"
+        begin, end = f"<!-- bench/recipe_cost.py {kind} -->", f"<!-- /bench/recipe_cost.py {kind} -->"
+        text = RESULTS.read_text()
+        block = f"{begin}\n{section}\n{end}"
+        text = (text[:text.index(begin)] + block + text[text.index(end) + len(end):] if begin in text and end in text
+                else text.rstrip("\n") + "\n\n" + block + "\n")
+        RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
