@@ -123,17 +123,6 @@ def test_merge_checkpoint_with_lora_and_explicit_base(tmp_path, moe_folder, run_
     assert not any("lora" in name for name in merged.state_dict())
 
 
-def test_merge_finished_run_uses_final_tensors(tmp_path, moe_folder):
-    from upcycle.merging import merge
-
-    run = make_run(tmp_path, moe_folder, steps=(10, 30), finished=True)
-    merge(run, tmp_path / "merged")
-    merged = load_model(tmp_path / "merged")
-    assert (logits(merged) - logits(expected_model(moe_folder, run / "checkpoint-30"))).abs().max() <= TOL
-    summary = json.loads((tmp_path / "merged" / "training_summary.json").read_text())
-    assert summary["trainable_params"] == 16640  # the run's own summary, carried over
-
-
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
     from upcycle.folder import weight_files
 
