@@ -29,7 +29,7 @@ from upcycle.errors import UpcycleError
 from upcycle.folder import (MANIFEST, SUMMARY, check_output, copy_companions, is_repo_id, read_config, staged_output,
                             weight_files, write_folder_extras)
 from upcycle.merging import merge
-from upcycle.model_card import CardInfo, render
+from upcycle.model_card import CardInfo, build_card
 from upcycle.safetensors_stream import human_bytes, scan, write_sharded
 
 RETRIES = 3
@@ -151,7 +151,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike | None = None, repo_
                 total = build(stage, folder, summary, max_shard_size, progress)
             repo = repo_id or str(Path(out).absolute() if out else target)
             info, notes = card_info(folder, summary, name, repo, base_model_id, license, adapter_only, total)
-            (stage / "README.md").write_text(render(info))
+            build_card(info).save(stage / "README.md")
             files = sorted((str(p.relative_to(stage)), p.stat().st_size) for p in stage.rglob("*") if p.is_file())
         result = ExportResult(None if dry_run else Path(out), files, repo_id, dry_run=dry_run, notes=notes)
     if push and not dry_run:

@@ -1,10 +1,14 @@
-"""The ``README.md`` model card written by ``upcycle export``: Hub metadata, training summary, usage."""
+"""The ``README.md`` model card written by ``upcycle export``: Hub metadata, training summary, usage.
+
+The card is a huggingface_hub :class:`~huggingface_hub.ModelCard`; its metadata is a
+:class:`~huggingface_hub.ModelCardData`, so the YAML front matter is what the Hub expects.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 TAGS = ["doge", "moe", "sparse-upcycling", "upcycle", "custom_code"]
 
@@ -24,14 +28,10 @@ class CardInfo:
     adapter: bool = False
 
 
-def metadata(info: CardInfo) -> dict:
-    meta: dict = {"license": info.license}
-    if info.base_model:
-        meta["base_model"] = info.base_model
-    meta.update(library_name="transformers", pipeline_tag="text-generation", tags=list(TAGS))
-    if info.adapter:
-        meta["tags"].append("adapter")
-    return meta
+def metadata(info: CardInfo) -> ModelCardData:
+    """The card's Hub metadata (an unset ``base_model`` is left out)."""
+    return ModelCardData(license=info.license, base_model=info.base_model, library_name="transformers",
+                         pipeline_tag="text-generation", tags=[*TAGS, *(["adapter"] if info.adapter else [])])
 
 
 def fmt(value: object) -> str:
@@ -97,9 +97,8 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 ```'''
 
 
-def render(info: CardInfo) -> str:
-    """The full card: YAML front matter, description, training summary and a usage snippet."""
-    front = yaml.safe_dump(metadata(info), sort_keys=False).strip()
+def build_card(info: CardInfo) -> ModelCard:
+    """The full card: metadata, description, training summary and a usage snippet."""
     base = f" [{info.base_model}](https://huggingface.co/{info.base_model})" if info.base_model else " a dense Doge model"
     what = ("An expert adapter: the CDMoE experts trained on" if info.adapter
             else "A Doge model with CDMoE experts, sparsely upcycled from")
@@ -108,7 +107,7 @@ def render(info: CardInfo) -> str:
     if info.adapter:
         note = ("Attach it to the dense base with the code below (no upcycle install needed); "
                 "pass `base=` to use a local copy of the base.")
-    return (f"---\n{front}\n---\n\n# {info.name}\n\n{what}{base} with "
-            f"upcycle (continual sparse upcycling): the dense weights are kept and only the "
-            f"new experts were trained.\n\n## Training summary\n\n{summary_table(info)}\n\n## Usage\n\n"
-            f"{usage(info)}\n\n{note}\n")
+    body = (f"# {info.name}\n\n{what}{base} with upcycle (continual sparse upcycling): the dense weights are "
+            f"kept and only the new experts were trained.\n\n## Training summary\n\n{summary_table(info)}\n\n"
+            f"## Usage\n\n{usage(info)}\n\n{note}\n")
+    return ModelCard(f"---\n{metadata(info).to_yaml()}\n---\n\n{body}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 
 from upcycle.errors import UpcycleError
@@ -25,6 +26,8 @@ DTYPE_CODES = {
     torch.bool: "BOOL",
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+WEIGHTS_PATTERN = "model{suffix}.safetensors"  # model.safetensors, or model-00001-of-00003.safetensors ...
+INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -65,19 +68,6 @@ def human_bytes(n: int) -> str:
     return f"{n:.1f} GB"
 
 
-def shard(plans: list[TensorPlan], max_bytes: int) -> list[list[TensorPlan]]:
-    """Greedy split into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
-    shards: list[list[TensorPlan]] = [[]]
-    used = 0
-    for plan in plans:
-        if shards[-1] and used + plan.nbytes > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(plan)
-        used += plan.nbytes
-    return shards
-
-
 def write_safetensors(path: Path, plans: Iterable[TensorPlan], on_bytes: Callable[[int], None] | None = None,
                       metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file, materializing one tensor at a time."""
@@ -105,19 +95,22 @@ def write_safetensors(path: Path, plans: Iterable[TensorPlan], on_bytes: Callabl
 
 def write_sharded(folder: Path, plans: list[TensorPlan], max_shard_size: str | int = "2GB",
                   on_bytes: Callable[[int], None] | None = None) -> list[str]:
-    """Write ``model.safetensors`` or numbered shards plus an index; return file names."""
-    shards = shard(plans, parse_size(max_shard_size))
-    if len(shards) == 1:
-        write_safetensors(folder / "model.safetensors", shards[0], on_bytes)
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, group in zip(names, shards):
-        write_safetensors(folder / name, group, on_bytes)
-        weight_map.update({plan.name: name for plan in group})
-    index = {"metadata": {"total_size": sum(p.nbytes for p in plans)}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return [*names, "model.safetensors.index.json"]
+    """Write ``model.safetensors`` or numbered shards plus an index; return file names.
+
+    huggingface_hub splits the tensors (in order, a tensor bigger than a shard gets its own) and
+    names the files; the tensors themselves stream through :func:`write_safetensors`.
+    """
+    by_name = {plan.name: plan for plan in plans}
+    split = split_state_dict_into_shards_factory(by_name, get_storage_size=lambda plan: plan.nbytes,
+                                                 filename_pattern=WEIGHTS_PATTERN,
+                                                 max_shard_size=parse_size(max_shard_size))
+    for filename, names in split.filename_to_tensors.items():
+        write_safetensors(folder / filename, [by_name[name] for name in names], on_bytes)
+    if not split.is_sharded:
+        return list(split.filename_to_tensors)
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*split.filename_to_tensors, INDEX]
 
 
 @dataclass
