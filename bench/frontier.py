@@ -3,6 +3,7 @@
     python bench/frontier.py                     # shipped 1.6M model, CPU, resumable (cached arms are skipped)
     python bench/frontier.py --size large        # pretrains a 4x larger dense start on domain A first (cached)
     python bench/frontier.py --report-only       # table, plot and verdict from the cached arms
+    python bench/frontier.py & python bench/frontier.py   # two runners share the arms (one core each)
 
 Every arm starts from the same dense model (pretrained on domain A, Python documentation) and trains
 on the same domain-B text (standard-library Python source) for the same number of tokens, through
@@ -334,13 +335,9 @@ def plot(results: dict, start: dict, out: Path, title: str) -> None:
 
 
 def write_results(text: str, size: str) -> None:
-    path = BENCH / "RESULTS.md"
-    begin, end = f"<!-- bench/frontier.py {size} -->", f"<!-- /bench/frontier.py {size} -->"
-    old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    new = (old[:old.index(begin)] + block + old[old.index(end) + len(end):] if begin in old and end in old
-           else old.rstrip() + "\n\n" + block + "\n")
-    path.write_text(new)
+    from bench.results import write_section
+
+    write_section(f"bench/frontier.py {size}", text)
 
 
 def report(work: Path, args, seconds: float | None) -> str:
@@ -386,6 +383,24 @@ def report(work: Path, args, seconds: float | None) -> str:
 # ------------------------------------------------------------------ main
 
 
+def claim_arm(claim: Path) -> bool:
+    """Several runners may share WORK (one per core): each arm is claimed by one live runner."""
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(claim.read_text() or 0), 0)
+                return False  # a live runner has it
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                claim.unlink(missing_ok=True)  # left by a runner that was killed
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -423,10 +438,19 @@ def main() -> None:
         todo = [(m, lr, s) for s in seeds for m in methods for lr in METHODS[m]["lrs"]
                 if not (args.work / "arms" / f"{arm_name(m, lr, s)}.json").is_file()]
         for i, (m, lr, s) in enumerate(todo):
+            done = args.work / "arms" / f"{arm_name(m, lr, s)}.json"
+            claim = done.with_suffix(".claim")
+            if not claim_arm(claim):
+                continue
+            if done.is_file():
+                continue
             print(f"[{time.time() - started:6.0f} s] {i + 1}/{len(todo)} {arm_name(m, lr, s)}", flush=True)
             cmd = [sys.executable, __file__, "--arm", m, str(lr), str(s), "--size", args.size, "--work", str(args.work),
                    "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
-            subprocess.run(cmd, check=True)
+            try:
+                subprocess.run(cmd, check=True)
+            finally:
+                claim.unlink(missing_ok=True)
             ran += 1
     text = report(args.work, args, time.time() - started if ran else None)
     print(text)

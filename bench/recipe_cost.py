@@ -30,7 +30,8 @@ import torch
 from transformers import DogeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.train_step import RESULTS, hardware, interleaved, peak_extra  # noqa: E402
+from bench.results import write_section  # noqa: E402
+from bench.train_step import hardware, interleaved, peak_extra  # noqa: E402
 from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM  # noqa: E402
 from upcycle.recipe import resolve_config  # noqa: E402
 from upcycle.retain import build_penalty  # noqa: E402
@@ -116,13 +117,7 @@ def main() -> None:
                "layers 4-7 only (`expand --layers top-half`).\n\n" + "\n".join(rows))
     print(section)
     if not args.no_write:
-        kind = "cuda" if args.device.startswith("cuda") else "cpu"
-        begin, end = f"<!-- bench/recipe_cost.py {kind} -->", f"<!-- /bench/recipe_cost.py {kind} -->"
-        text = RESULTS.read_text()
-        block = f"{begin}\n{section}\n{end}"
-        text = (text[:text.index(begin)] + block + text[text.index(end) + len(end):] if begin in text and end in text
-                else text.rstrip("\n") + "\n\n" + block + "\n")
-        RESULTS.write_text(text)
+        write_section(f"bench/recipe_cost.py {'cuda' if args.device.startswith('cuda') else 'cpu'}", section)
 
 
 if __name__ == "__main__":

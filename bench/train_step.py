@@ -28,10 +28,10 @@ import torch
 from transformers import DogeConfig, DogeForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_section  # noqa: E402
 from upcycle.modeling_upcycle_doge import ROUTED_PARAMETER_NAMES, UpcycleDogeForCausalLM  # noqa: E402
 
 VARIANTS = ("stock", "ours")
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def config() -> DogeConfig:
@@ -171,15 +171,7 @@ def table(times: dict, module_times: dict, mem: dict) -> str:
 
 
 def update_results(section: str, device: str) -> None:
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    start, end = f"<!-- bench/train_step.py {kind} -->", f"<!-- /bench/train_step.py {kind} -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    write_section(f"bench/train_step.py {'cuda' if device.startswith('cuda') else 'cpu'}", section)
 
 
 def main() -> None:
