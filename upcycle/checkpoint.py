@@ -1,7 +1,7 @@
 """The run folder of ``continue-train`` (layout in docs/run-layout.md): guard, checkpoints, resume.
 
-``RUN/.upcycle-manifest.json`` lists every file the run wrote; ``--force`` deletes exactly
-those and refuses to overwrite anything else.
+``RUN/.upcycle-manifest.json`` lists every file the run wrote (``upcycle.manifest``); ``--force``
+deletes exactly those, never a path outside RUN, and refuses to overwrite anything else.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,41 +18,45 @@ from safetensors.torch import load_file, save_file
 
 from upcycle.errors import UpcycleError
 from upcycle.folder import MANIFEST, SUMMARY
+from upcycle.manifest import Manifest
 
 OUR_NAMES = ("config.yaml", "metrics.jsonl", "experts.safetensors", SUMMARY, "adapter", "final",
-             "logs")
+             "logs", "retain.safetensors")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
 class RunFolder:
-    """RUN and the manifest of the files this tool wrote there."""
+    """RUN and the manifest of the files this tool wrote there.
+
+    Files already in RUN and not listed when the object is made (a user's) are never recorded by
+    ``record`` of a folder, so they are never deleted later either.
+    """
 
     def __init__(self, path: Path):
-        self.path = path
-        self.manifest = path / MANIFEST
+        self.path = Path(path)
+        self.manifest = self.path / MANIFEST
+        self.files = Manifest(self.path)
+        listed = set(self.files.entries())
+        self.foreign = {n for n in self.files.files_under(self.path) if n not in listed} if self.path.is_dir() else set()
 
     def written(self) -> set[str]:
-        if not self.manifest.is_file():
-            return set()
-        try:
-            return set(json.loads(self.manifest.read_text()).get("files", []))
-        except (json.JSONDecodeError, AttributeError):
-            return set()
+        """The files the manifest lists, every entry checked (an unreadable manifest lists none)."""
+        return self.files.read()
 
     def record(self, *paths: Path) -> None:
-        """Add files (or every file under folders) to the manifest."""
-        files = self.written()
+        """Add files this run wrote to the manifest: a file as named; a folder, every file under it
+        except those that were there, unlisted, before this run."""
+        found = []
         for path in paths:
-            found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            files.update(str(p.relative_to(self.path)) for p in found)
-        self.manifest.write_text(json.dumps({"files": sorted(files)}, indent=1) + "\n")
+            names = self.files.files_under(path)
+            found += names if Path(path).is_file() and not Path(path).is_symlink() else \
+                [n for n in names if n not in self.foreign]
+        self.files.record(*(self.path / n for n in found))
 
     def forget(self, folder: Path) -> None:
-        """Remove a folder this run wrote, and its files from the manifest."""
-        prefix = str(folder.relative_to(self.path)) + "/"
-        shutil.rmtree(folder, ignore_errors=True)
-        files = {f for f in self.written() if not f.startswith(prefix)}
-        self.manifest.write_text(json.dumps({"files": sorted(files)}, indent=1) + "\n")
+        """Delete the files this run wrote under ``folder`` (a user's files there stay), the folders
+        left empty, and their manifest entries."""
+        self.files.remove_listed(folder)
 
     def ours(self, entry: Path) -> bool:
         return entry.name in OUR_NAMES or bool(CHECKPOINT.match(entry.name))
@@ -64,29 +67,23 @@ class RunFolder:
             return
         if not self.path.is_dir():
             raise UpcycleError(f"{self.path} is a file: choose another --output-dir")
-        entries = [e for e in self.path.iterdir() if e.name != MANIFEST]
-        if not entries:
-            return
-        if not force:
+        entries = sorted(e for e in self.path.iterdir() if not e.name.startswith(MANIFEST))
+        if entries and not force:
             raise UpcycleError(f"{self.path} already holds a run ({entries[0].name}): pass --resume to continue it, "
                                "--force to start over, or choose another --output-dir")
-        written = self.written()
+        written = self.files.owned()  # every entry inside RUN, none behind a symlink; a damaged one refuses
         for entry in filter(self.ours, entries):
-            files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
-            foreign = [p for p in files if str(p.relative_to(self.path)) not in written]
+            if entry.is_symlink():
+                raise UpcycleError(f"{entry} is a symlink: upcycle does not write through links in a run folder; "
+                                   "remove it or choose another --output-dir")
+            foreign = [n for n in self.files.files_under(entry) if n not in written]
             if foreign:
-                raise UpcycleError(f"{foreign[0]} was not written by upcycle: --force only replaces upcycle's own "
-                                   "files; move it away or choose another --output-dir")
+                raise UpcycleError(f"{self.path / foreign[0]} was not written by upcycle: --force only replaces "
+                                   "upcycle's own files; move it away or choose another --output-dir")
 
     def clear(self) -> None:
         """Delete the files the manifest lists (``--force``), then the folders they leave empty."""
-        files = [self.path / name for name in self.written()]
-        for path in files:
-            path.unlink(missing_ok=True)
-        folders = {p for path in files for p in path.parents if self.path in p.parents}
-        for folder in sorted(folders, key=lambda p: -len(p.parts)):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        self.files.remove_listed()
         self.manifest.unlink(missing_ok=True)
 
     def checkpoints(self) -> list[Path]:

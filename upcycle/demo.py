@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,10 +25,13 @@ from transformers.utils import logging
 from upcycle import assets
 from upcycle.errors import UpcycleError
 from upcycle.expansion import expand
+from upcycle.expansion import validate as validate_experts
 from upcycle.exporting import export
 from upcycle.folder import check_output, load_model
+from upcycle.manifest import NAME as MANIFEST
+from upcycle.manifest import Manifest
 from upcycle.merging import merge
-from upcycle.recipe import resolve_config
+from upcycle.recipe import TrainConfig, resolve_config
 from upcycle.train import continue_train
 from upcycle.train import quiet_libraries as hide_progress_bars
 
@@ -101,21 +104,33 @@ def write_jsonl(texts: list[str], path: Path) -> Path:
     return path
 
 
-def prepare_out(out: Path, force: bool) -> None:
-    """Refuse a non-empty OUT unless ``force``; with it, remove only what quickstart writes."""
-    check_output(out, force)
-    if force and out.is_dir():
-        present = [name for name in PARTS if (out / name).exists()]
-        if present and not (out / "quickstart.json").is_file():
-            raise UpcycleError(f"{out} holds {present[0]} but no quickstart.json, so quickstart did not write it: "
+def prepare_out(out: Path, force: bool, files: list[Path] = ()) -> Manifest:
+    """Refuse a non-empty OUT unless ``force``; with it, delete only the files OUT's manifest lists.
+
+    ``files``: what quickstart writes itself (the verbs check their own folders). Everything is
+    checked before anything is deleted: OUT must hold a previous quickstart (its manifest), no
+    part may be a symlink, and none of ``files`` may be a file quickstart did not write.
+    """
+    check_output(out, force)  # with force: every manifest entry inside OUT, none behind a symlink
+    manifest = Manifest(out)
+    if force and out.is_dir() and any(out.iterdir()):
+        listed = manifest.owned()
+        present = [name for name in PARTS if os.path.lexists(out / name)]
+        if present and not manifest.path.is_file():
+            raise UpcycleError(f"{out} holds {present[0]} but no {MANIFEST}, so quickstart did not write it: "
                                "choose another output folder (--force only replaces a previous quickstart)")
         for name in present:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            if (out / name).is_symlink():
+                raise UpcycleError(f"{out / name} is a symlink: quickstart does not write through links; remove "
+                                   "it or choose another output folder")
+        for path in files:
+            name = path.relative_to(out).as_posix()
+            if os.path.lexists(path) and name not in listed:
+                raise UpcycleError(f"{out} holds {name}, which quickstart did not write: move it away or choose "
+                                   "another output folder (--force only replaces upcycle's own files)")
+        manifest.remove_listed()
     out.mkdir(parents=True, exist_ok=True)
+    return manifest
 
 
 def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_experts: int = 1024,
@@ -129,33 +144,50 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
     """
     if not 0.0 <= replay < 1.0:
         raise UpcycleError(f"--replay {replay} must be in [0, 1): the fraction of blocks taken from domain A")
+    validate_experts(num_experts, experts_per_token)
+    for flag, value in (("--eval-blocks", eval_blocks), ("train_bytes", train_bytes)):
+        if value < 1:
+            raise UpcycleError(f"{flag} must be at least 1, got {value}")
     start = time.time()
     out = Path(out).expanduser()
-    prepare_out(out, force)
+    train_file, docs_file = out / "data" / "stdlib-train.jsonl", out / "data" / "docs-train.jsonl"
+    eval_file = out / "data" / "stdlib-heldout.jsonl"
+    data = [f"{train_file}:{1 - replay}", f"{docs_file}:{replay}"] if replay else [str(train_file)]
+    config = train_config(out, data, eval_file, max_steps, batch_size, lr, seed)  # checks every setting first
+    written = [train_file, eval_file, *([docs_file] if replay else [])]
+    manifest = prepare_out(out, force, [*written, out / "quickstart.json"])
     quiet_libraries()
     tokenizer = AutoTokenizer.from_pretrained(assets.DENSE_MODEL)
     echo(f"[1/5] data: stdlib sources from {assets.STDLIB} (B), shipped Python docs sample (A)")
-    train_texts = assets.stdlib_documents("train", max_bytes=train_bytes)
-    train_file = write_jsonl(train_texts, out / "data" / "stdlib-train.jsonl")
-    data = [str(train_file)]
+    write_jsonl(assets.stdlib_documents("train", max_bytes=train_bytes), train_file)
     if replay:
-        docs_file = write_jsonl(assets.docs_documents("train"), out / "data" / "docs-train.jsonl")
-        data = [f"{train_file}:{1 - replay}", f"{docs_file}:{replay}"]
-    eval_file = write_jsonl(assets.stdlib_documents("heldout"), out / "data" / "stdlib-heldout.jsonl")
+        write_jsonl(assets.docs_documents("train"), docs_file)
+    write_jsonl(assets.stdlib_documents("heldout"), eval_file)
+    manifest.record(*written)
     blocks = eval_sets(tokenizer, eval_blocks)
 
     echo(f"[2/5] expand {assets.DENSE_MODEL.name}: {num_experts} experts per layer, {experts_per_token} per token")
-    expanded = expand(assets.DENSE_MODEL, num_experts=num_experts, experts_per_token=experts_per_token,
-                      out=out / "moe", seed=seed, dtype="float32", progress=progress)
+    try:
+        expanded = expand(assets.DENSE_MODEL, num_experts=num_experts, experts_per_token=experts_per_token,
+                          out=out / "moe", seed=seed, dtype="float32", force=force, progress=progress)
+    finally:
+        record_folder(manifest, out / "moe")
     before = evaluate(load_model(out / "moe"), blocks, progress)
     echo(f"      held-out loss before: A {before['A']:.3f}  B {before['B']:.3f}")
 
     mix = f", {replay:.0%} of blocks from domain A (replay)" if replay else ""
     echo(f"[3/5] continue-train the experts only: {max_steps} steps x {batch_size} x {SEQ_LEN} tokens{mix}")
-    run = train_experts(out, data, eval_file, max_steps, batch_size, lr, seed, progress)
+    try:
+        run = continue_train(config, force=force, progress=progress).run
+    finally:
+        record_folder(manifest, out / "run")
 
     echo("[4/5] merge the run; export the model and its expert adapter")
-    paths = merge_and_export(out, run)
+    try:
+        paths = merge_and_export(out, run, force=force)
+    finally:
+        record_folder(manifest, out / "model")
+        record_folder(manifest, out / "adapter")
     after = evaluate(load_model(paths["model"]), blocks, progress)
     echo(f"      held-out loss after:  A {after['A']:.3f}  B {after['B']:.3f}")
 
@@ -169,6 +201,7 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
               "eval_blocks": eval_blocks,
               "paths": {k: str(v) for k, v in result.paths.items()}}
     (out / "quickstart.json").write_text(json.dumps(record, indent=1) + "\n")
+    manifest.record(out / "quickstart.json")
     result.paths["summary"] = out / "quickstart.json"
     echo("[5/5] done")
     return result
@@ -180,23 +213,29 @@ def evaluate(model: torch.nn.Module, blocks: dict[str, torch.Tensor], progress: 
                                                                leave=False)}
 
 
-def train_experts(out: Path, data: list[str], eval_file: Path, max_steps: int, batch_size: int, lr: float,
-                  seed: int, progress: bool) -> Path:
-    """``continue_train`` of the experts of ``OUT/moe``; returns the run folder ``OUT/run``."""
-    config = resolve_config(None, model=str(out / "moe"), data=data, eval_data=[str(eval_file)],
-                            output_dir=str(out / "run"), train="experts", max_steps=max_steps,
-                            batch_size=batch_size, seq_len=SEQ_LEN, lr=lr, warmup=0.05, decay=0.3,
-                            weight_decay=0.0, eval_every=0, eval_blocks=8, save_every=0, report_to="none",
-                            seed=seed)
-    return continue_train(config, progress=progress).run
+def record_folder(manifest: Manifest, folder: Path) -> None:
+    """List in OUT's manifest what a verb wrote in ``folder`` (its own manifest's files, and that manifest)."""
+    if Manifest(folder).path.is_file():
+        manifest.include(folder)
 
 
-def merge_and_export(out: Path, run: Path) -> dict[str, Path]:
+def train_config(out: Path, data: list[str], eval_file: Path, max_steps: int, batch_size: int, lr: float,
+                 seed: int) -> TrainConfig:
+    """The ``continue_train`` config for the experts of ``OUT/moe`` into ``OUT/run`` (checked)."""
+    return resolve_config(None, model=str(out / "moe"), data=data, eval_data=[str(eval_file)],
+                          output_dir=str(out / "run"), train="experts", max_steps=max_steps,
+                          batch_size=batch_size, seq_len=SEQ_LEN, lr=lr, warmup=0.05, decay=0.3,
+                          weight_decay=0.0, eval_every=0, eval_blocks=8, save_every=0, report_to="none",
+                          seed=seed)
+
+
+def merge_and_export(out: Path, run: Path, force: bool = False) -> dict[str, Path]:
     """Merge the run; export the merged model (``OUT/model``) and its expert adapter (``OUT/adapter``)."""
     with tempfile.TemporaryDirectory(prefix=".merged-", dir=out) as tmp:
         merge(run, Path(tmp) / "merged")
-        export(Path(tmp) / "merged", out / "model", progress=False)
-        export(Path(tmp) / "merged", out / "adapter", adapter_only=True, base=assets.DENSE_MODEL, progress=False)
+        export(Path(tmp) / "merged", out / "model", force=force, progress=False)
+        export(Path(tmp) / "merged", out / "adapter", adapter_only=True, base=assets.DENSE_MODEL, force=force,
+               progress=False)
     return {"model": out / "model", "adapter": out / "adapter"}
 
 

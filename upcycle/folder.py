@@ -8,7 +8,8 @@ loads it without remote code too (same parameter names as ``DogeCDMoE``).
 
 Writes go to a hidden staging folder beside OUT and are moved into place at the
 end, so a failed run leaves nothing half-written. ``force`` overwrites only files
-upcycle wrote before (listed in ``.upcycle-manifest.json``), never anything else.
+upcycle wrote before (listed in ``.upcycle-manifest.json``, see ``upcycle.manifest``),
+never anything else, and never anything outside OUT.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import DogeConfig
 
 from upcycle.errors import UpcycleError
+from upcycle.manifest import NAME as MANIFEST
+from upcycle.manifest import Manifest
 from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM
 
 MODELING_FILE = Path(__file__).with_name("modeling_upcycle_doge.py")
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_upcycle_doge.UpcycleDogeForCausalLM"}
-MANIFEST = ".upcycle-manifest.json"
 SUMMARY = "training_summary.json"  # a run's training summary, carried by the model folders it produces
 COMPANION_FILES = (
     "tokenizer.json",
@@ -196,11 +198,13 @@ def save_model(model: torch.nn.Module, out: str | os.PathLike, source: str | os.
 
 
 def check_output(out: Path, force: bool) -> None:
-    """Refuse a non-empty OUT unless ``force``; check its parent is writable."""
+    """Refuse a non-empty OUT unless ``force`` (then its manifest must be sound); check its parent is writable."""
     if out.exists() and not out.is_dir():
         raise UpcycleError(f"{out} exists and is a file: choose another output folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UpcycleError(f"{out} exists and is not empty: choose another output folder or pass --force")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UpcycleError(f"{out} exists and is not empty: choose another output folder or pass --force")
+        Manifest(out).owned()  # every entry inside OUT, none behind a symlink; before anything is written
     parent = out.parent if not out.exists() else out
     parent_existing = parent
     while not parent_existing.exists():
@@ -237,24 +241,41 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
 
 
 def publish(stage: Path, out: Path) -> None:
-    """Move the staged files into ``out``, replacing only files upcycle wrote."""
-    written = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
-    (stage / MANIFEST).write_text(json.dumps({"files": written}, indent=1) + "\n")
+    """Move the staged files into ``out``, replacing only files upcycle wrote (its manifest's entries).
+
+    Everything is checked before anything in ``out`` changes; the manifest always lists every file of
+    ours that is there (old and new while the files move), so an interruption leaves nothing unlisted.
+    """
+    written = [name for name in Manifest(stage).files_under(stage) if name != MANIFEST]
     if not out.exists():
+        Manifest(stage).write(written)
         os.replace(stage, out)
         return
-    previous = out / MANIFEST
-    ours: set[str] = set()
-    if previous.is_file():
-        with contextlib.suppress(json.JSONDecodeError, AttributeError):
-            ours = set(json.loads(previous.read_text()).get("files", []))
-    foreign = [name for name in written if (out / name).exists() and name not in ours]
-    if foreign:
-        raise UpcycleError(f"{out} already holds {foreign[0]}, which upcycle did not write: "
-                           "choose an empty output folder (--force only replaces upcycle's own files)")
-    for name in ours - set(written):
-        (out / name).unlink(missing_ok=True)
-    for name in [*written, MANIFEST]:
+    previous = Manifest(out)
+    ours = previous.owned()
+    for name in written:
+        check_target(out, name, ours)
+    previous.write(ours | set(written))
+    previous.remove_listed(keep=written)
+    for name in written:
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage / name, target)
+    previous.write(written)
+
+
+def check_target(out: Path, name: str, ours: set[str]) -> None:
+    """``out/name`` may be written: no symlink on the way, and nothing there that upcycle did not write."""
+    path = out
+    parts = Path(name).parts
+    for i, part in enumerate(parts):
+        path = path / part
+        if not os.path.lexists(path):
+            return
+        last = i == len(parts) - 1
+        if path.is_symlink() and not last:
+            raise UpcycleError(f"{path} is a symlink: upcycle does not write through links inside its output "
+                               "folder; remove it or choose another output folder")
+        if (last and name not in ours) or (not last and not path.is_dir()):
+            raise UpcycleError(f"{out} already holds {path.relative_to(out)}, which upcycle did not write: "
+                               "choose an empty output folder (--force only replaces upcycle's own files)")

@@ -133,14 +133,16 @@ class Session:
                 self.run.record(run / "adapter")
             final = final_model(self.folder, full, unwrapped.peft_config["default"] if self.lora else None)
             if (run / "final").exists():
-                self.run.forget(run / "final")
+                self.run.forget(run / "final")  # only the files the run wrote there; a user's stay
             summary = self.summary(final, train_loss, eval_loss, recipe)
-            save_model(final, run / "final", source=self.folder, summary=summary)
+            save_model(final, run / "final", source=self.folder, summary=summary, force=True)
+            self.run.files.include(run / "final")
             experts = {k: v for k, v in final.state_dict().items() if is_expert(k)}
             if experts:
                 save_tensors(experts, run / "experts.safetensors")
+                self.run.record(run / "experts.safetensors")
             (run / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-            self.run.record(*(p for p in run.iterdir() if p.name != self.run.manifest.name))
+            self.run.record(run / SUMMARY)
         acc.wait_for_everyone()
 
     def summary(self, final: torch.nn.Module, train_loss, eval_loss, recipe: dict) -> dict[str, Any]:
