@@ -31,7 +31,7 @@ from upcycle.folder import check_output, load_model
 from upcycle.manifest import NAME as MANIFEST
 from upcycle.manifest import Manifest
 from upcycle.merging import merge
-from upcycle.recipe import TrainConfig, resolve_config
+from upcycle.recipe import DEFAULT_LR, TrainConfig, resolve_config
 from upcycle.train import continue_train
 from upcycle.train import quiet_libraries as hide_progress_bars
 
@@ -134,7 +134,7 @@ def prepare_out(out: Path, force: bool, files: list[Path] = ()) -> Manifest:
 
 
 def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_experts: int = 1024,
-               experts_per_token: int = 8, max_steps: int = 300, batch_size: int = 8, lr: float = 3e-3,
+               experts_per_token: int = 8, max_steps: int = 300, batch_size: int = 8, lr: float = DEFAULT_LR["experts"],
                replay: float = 0.0, train_bytes: int = 3_000_000, eval_blocks: int = 64, seed: int = 0,
                progress: bool = True,
                echo: Callable[[str], None] = print) -> QuickstartResult:
@@ -224,7 +224,7 @@ def train_config(out: Path, data: list[str], eval_file: Path, max_steps: int, ba
     """The ``continue_train`` config for the experts of ``OUT/moe`` into ``OUT/run`` (checked)."""
     return resolve_config(None, model=str(out / "moe"), data=data, eval_data=[str(eval_file)],
                           output_dir=str(out / "run"), train="experts", max_steps=max_steps,
-                          batch_size=batch_size, seq_len=SEQ_LEN, lr=lr, warmup=0.05, decay=0.3,
+                          batch_size=batch_size, seq_len=SEQ_LEN, lr=lr,
                           weight_decay=0.0, eval_every=0, eval_blocks=8, save_every=0, report_to="none",
                           seed=seed)
 

@@ -14,13 +14,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
-from upcycle.checkpoint import RunFolder, load_tensors, read_state, rng_state, save_tensors
-from upcycle.data import DataSource, PackedStream, build_data, parse_source
+from upcycle.checkpoint import (RunFolder, load_tensors, load_torch_state, read_json, read_state, rng_state,
+                                save_tensors, write_json)
+from upcycle.data import DataSource, PackedStream, build_data, build_retain, parse_source
 from upcycle.errors import UpcycleError
 from upcycle.folder import SUMMARY, load_model, save_model
 from upcycle.recipe import DataSpec, TrainConfig, save_config
-from upcycle.trainable import (RouterLogits, base_name, build_optimizer, build_scheduler, is_expert,
-                               select_trainable, trainable_parameters)
+from upcycle.run_folder import fold, training_summary
+from upcycle.retain import RetainPenalty, blocks_needed, build_penalty, retain_blocks_path, synthesize
+from upcycle.trainable import (RouterLogits, WarmupStableDecay, adopt_hyperparameters, base_name,
+                               build_optimizer, is_expert, select_trainable, trainable_parameters)
 
 
 @dataclass
@@ -33,15 +36,18 @@ class Session:
     accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: WarmupStableDecay
     stream: PackedStream
     eval_blocks: torch.Tensor
     trainable: list[torch.nn.Parameter]
     plain_names: list[str]  # trainable non-LoRA parameter names (PEFT names when wrapped)
     router: RouterLogits | None
+    retain: RetainPenalty | None = None  # the expert-off penalty on retain tokens
+    retain_eval: torch.Tensor | None = None  # retain blocks whose loss every eval reports
     step: int = 0
     last_checkpoint: Path | None = None
     saved: dict[str, Any] = field(default_factory=dict)  # data and RNG state at the start of the step
+    resumed_from: dict[str, Any] | None = None  # checkpoint, step and the settings this run changed
 
     @property
     def sharded(self) -> bool:
@@ -60,8 +66,9 @@ class Session:
         blocks = self.step * self.config.global_batch(world)
         return {"step": self.step, "tokens_seen": blocks * self.config.seq_len, "blocks_consumed": blocks,
                 "train": self.config.train, "base_model": self.config.model,
-                "base_model_path": str(self.folder.resolve()), "world_size": world,
-                "train_loss": train_loss, "eval_loss": eval_loss}
+                "base_model_path": str(self.folder.resolve()), "world_size": world, "sharded": self.sharded,
+                "seq_len": self.config.seq_len, "data": self.config.data, "seed": self.config.seed,
+                "train_loss": train_loss, "eval_loss": eval_loss, "config": dataclasses.asdict(self.config)}
 
     def save_checkpoint(self, train_loss: float | None, eval_loss: float | None,
                         data: dict | None = None, rng: dict | None = None) -> Path:
@@ -73,7 +80,7 @@ class Session:
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(rng or rng_state(), stage / f"rng-{acc.process_index}.pt")
+        write_json(stage / f"rng-{acc.process_index}.json", rng or rng_state())
         if self.sharded:
             torch.save(self.optimizer.state_dict(), stage / f"optimizer-{acc.process_index}.pt")
         if acc.is_main_process:
@@ -84,9 +91,8 @@ class Session:
                 acc.unwrap_model(self.model).save_pretrained(stage / "adapter", state_dict=full)
             if not self.sharded:
                 torch.save(self.optimizer.state_dict(), stage / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), stage / "scheduler.pt")
-            torch.save(data or self.stream.state_dict(), stage / "data.pt")
-            (stage / "state.json").write_text(json.dumps(self.state(train_loss, eval_loss), indent=1) + "\n")
+            write_json(stage / "data.json", data or self.stream.state_dict())
+            write_json(stage / "state.json", self.state(train_loss, eval_loss))
         acc.wait_for_everyone()
         if acc.is_main_process:
             if target.exists():
@@ -111,13 +117,22 @@ class Session:
             self.run.forget(old)
 
     def load_state(self, checkpoint: Path) -> None:
-        """Optimizer, scheduler, data position and step (after ``prepare``)."""
-        rank = self.accelerator.process_index
+        """Optimizer moments, data position and step (after ``prepare``); hyper-parameters stay the config's.
+
+        Nothing is unpickled: optimizer files load with ``weights_only=True``, the rest is JSON.
+        """
+        rank, world, state = self.accelerator.process_index, self.accelerator.num_processes, read_state(checkpoint)
+        if (state.get("sharded") or self.sharded) and state.get("world_size") != world:
+            raise UpcycleError(f"the checkpoint's optimizer state is sharded over {state.get('world_size')} "
+                               f"process(es): resume it on {state.get('world_size')}, not {world}")
         optimizer = checkpoint / (f"optimizer-{rank}.pt" if self.sharded else "optimizer.pt")
-        self.optimizer.load_state_dict(torch.load(optimizer, weights_only=False))
-        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-        self.stream.load_state_dict(torch.load(checkpoint / "data.pt", weights_only=False))
-        self.step = read_state(checkpoint)["step"]
+        self.optimizer.load_state_dict(load_torch_state(optimizer))
+        adopt_hyperparameters(self.optimizer, self.accelerator.unwrap_model(self.model), self.config)
+        self.stream.load_state_dict(read_json(checkpoint / "data.json"))
+        self.step = state["step"]
+        before, now = state.get("config", {}), dataclasses.asdict(self.config)
+        changed = {k: [before[k], now[k]] for k in now if k in before and k != "output_dir" and before[k] != now[k]}
+        self.resumed_from = {"checkpoint": str(checkpoint.resolve()), "step": self.step, "changed": changed}
         self.last_checkpoint = checkpoint
         if self.accelerator.is_main_process:
             trim_metrics(self.run.path / "metrics.jsonl", self.step)
@@ -131,7 +146,8 @@ class Session:
             if self.lora:
                 unwrapped.save_pretrained(run / "adapter", state_dict=full)
                 self.run.record(run / "adapter")
-            final = final_model(self.folder, full, unwrapped.peft_config["default"] if self.lora else None)
+            trained = {base_name(n): full[n] for n in self.plain_names}
+            final = fold(self.folder, trained, run / "adapter" if self.lora else None, run)
             if (run / "final").exists():
                 self.run.forget(run / "final")  # only the files the run wrote there; a user's stay
             summary = self.summary(final, train_loss, eval_loss, recipe)
@@ -146,31 +162,8 @@ class Session:
         acc.wait_for_everyone()
 
     def summary(self, final: torch.nn.Module, train_loss, eval_loss, recipe: dict) -> dict[str, Any]:
-        config = final.config
-        state = self.state(train_loss, eval_loss)
-        return {"base_model": self.config.model, "base_model_path": state["base_model_path"],
-                "num_experts": config.num_experts if config.is_moe else 0,
-                "experts_per_token": config.num_experts_per_tok if config.is_moe else 0,
-                "train": self.config.train, "trainable_params": sum(p.numel() for p in self.trainable),
-                "total_params": sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()),
-                "tokens_seen": state["tokens_seen"], "steps": self.step, "final_train_loss": train_loss,
-                "final_eval_loss": eval_loss, "recipe": recipe}
-
-
-def final_model(folder: Path, full: dict[str, torch.Tensor], lora_config) -> torch.nn.Module:
-    """A fresh copy of MODEL in its own dtype holding the trained state; LoRA merged in."""
-    model = load_model(folder)
-    dtype = next(model.parameters()).dtype
-    model.float()
-    if lora_config is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config)
-        model.load_state_dict(full, strict=True)
-        model = model.merge_and_unload()
-    else:
-        model.load_state_dict(full, strict=True)
-    return model.to(dtype)
+        return training_summary(final, self.state(train_loss, eval_loss), sum(p.numel() for p in self.trainable),
+                                recipe, self.resumed_from)
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -234,7 +227,8 @@ def load_tokenizer(folder: Path):
     return tokenizer
 
 
-def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: Path | None) -> Session:
+def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: Path | None,
+                 progress: bool = True) -> Session:
     """Load data and model, choose what trains, restore ``checkpoint``, prepare the run folder."""
     acc = make_accelerator(config, run.path)
     tokenizer = load_tokenizer(folder)
@@ -247,30 +241,62 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     router = RouterLogits(model) if config.balance_coef > 0 and model.config.is_moe else None
     model = select_trainable(model, config)
+    retain_blocks = load_retain_blocks(config, model, tokenizer, checkpoint, acc, progress)
+    retain = None
+    if retain_blocks is not None and config.retain_coef > 0 and config.train.startswith("experts"):
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise UpcycleError("the retain penalty evaluates expert tables outside the sharded forward, which "
+                               "FSDP/DeepSpeed do not allow: use DDP, or pass --retain-coef 0")
+        retain = build_penalty(model, retain_blocks, config.retain_coef, config.retain_tokens, config.seed)
     if checkpoint is not None:
         load_weights(model, checkpoint)
     trainable = trainable_parameters(model)
     plain_names = [n for n in trainable if "lora_" not in n]
     optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config)
     acc.wait_for_everyone()  # every process has checked RUN before the main one writes there
     if acc.is_main_process:
         if checkpoint is None:
             run.clear()
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(config, run.path / "config.yaml")
+        if retain_blocks is not None and not config.retain_data:
+            save_tensors({"input_ids": retain_blocks}, retain_blocks_path(run.path))
+            run.record(retain_blocks_path(run.path))
         (run.path / "metrics.jsonl").touch()
         run.record(run.path / "config.yaml", run.path / "metrics.jsonl")
     acc.wait_for_everyone()
     model, optimizer = acc.prepare(model, optimizer)
-    session = Session(config, folder, run, acc, model, optimizer, scheduler, stream, eval_blocks,
-                      list(trainable.values()), plain_names, router)
+    session = Session(config, folder, run, acc, model, optimizer, WarmupStableDecay.from_config(config), stream, eval_blocks,
+                      list(trainable.values()), plain_names, router, retain,
+                      None if retain_blocks is None else retain_blocks[: config.eval_blocks])
     if checkpoint is not None:
         session.load_state(checkpoint)
     hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in
                dataclasses.asdict(config).items()}
     acc.init_trackers("upcycle", config=hparams)
     return session
+
+
+def load_retain_blocks(config: TrainConfig, model: torch.nn.Module, tokenizer, checkpoint: Path | None,
+                       acc: Accelerator, progress: bool) -> torch.Tensor | None:
+    """Retain blocks: from ``retain_data``, else sampled from the base model (reused on resume); ``None`` if off."""
+    wanted = config.retain_data or (config.retain_samples > 0 and model.config.is_moe
+                                    and config.train.startswith("experts"))
+    if not wanted:
+        return None
+    n = blocks_needed(config.seq_len, config.retain_tokens, config.retain_samples)
+    if config.retain_data:
+        return build_retain(sources(config.retain_data), tokenizer, config.seq_len, n, config.seed)
+    saved = checkpoint.parent / retain_blocks_path(Path()).name if checkpoint is not None else None
+    if saved is not None and saved.is_file():
+        return load_tensors(saved)["input_ids"]
+    blocks = synthesize(model, tokenizer, n, config.seq_len, config.seed,
+                        progress=progress and acc.is_main_process)
+    if acc.num_processes > 1:  # every process penalizes the same tokens: sample once, on the main process
+        from accelerate.utils import broadcast
+
+        blocks = broadcast(blocks.to(acc.device), from_process=0).cpu()
+    return blocks
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:

@@ -6,6 +6,7 @@ import click
 import torch
 
 from upcycle import demo
+from upcycle.recipe import DEFAULT_LR
 
 
 @click.command("quickstart")
@@ -13,7 +14,8 @@ from upcycle import demo
 @click.option("--force", is_flag=True, help="Reuse a non-empty OUT, replacing only what quickstart writes there.")
 @click.option("--max-steps", type=int, default=300, show_default=True, help="Training steps (3 for a smoke test).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Blocks of 256 tokens per step.")
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate of the experts.")
+@click.option("--lr", type=float, default=DEFAULT_LR["experts"], show_default=True,
+              help="Peak learning rate of the experts (the experts recipe's default).")
 @click.option("--replay", type=float, default=0.0, show_default=True,
               help="Fraction of training blocks taken from the docs (domain A) to limit forgetting, e.g. 0.1.")
 @click.option("--experts", "num_experts", type=int, default=1024, show_default=True,
