@@ -14,13 +14,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
-from upcycle.checkpoint import (RunFolder, load_tensors, load_torch_state, read_json, read_state, rng_state,
-                                save_tensors, write_json)
+from upcycle.checkpoint import load_tensors, load_torch_state, read_json, rng_state, save_tensors, write_json
 from upcycle.data import DataSource, PackedStream, build_data, build_retain, parse_source
 from upcycle.errors import UpcycleError
 from upcycle.folder import SUMMARY, load_model, save_model
 from upcycle.recipe import DataSpec, TrainConfig, save_config
-from upcycle.run_folder import fold, training_summary
+from upcycle.run_folder import RunFolder, fold, read_state, training_summary
 from upcycle.retain import RetainPenalty, blocks_needed, build_penalty, retain_blocks_path, synthesize
 from upcycle.trainable import (RouterLogits, WarmupStableDecay, adopt_hyperparameters, base_name,
                                build_optimizer, is_expert, select_trainable, trainable_parameters)

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from upcycle.checkpoint import RunFolder, find_checkpoint, read_json, read_state, set_rng_state
+from upcycle.checkpoint import read_json, set_rng_state
 from upcycle.errors import UpcycleError
 from upcycle.folder import read_config, resolve_source
 from upcycle.recipe import TrainConfig, validate
 from upcycle.session import Session, open_session
 from upcycle.retain import RetainPenalty
+from upcycle.run_folder import RunFolder, read_state, resume_checkpoint
 from upcycle.routing_stats import collect
 from upcycle.trainable import RouterLogits, apply_schedule
 
@@ -238,7 +239,7 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
     checkpoint = None
     if resume:
         run_hint = Path(config.output_dir) if config.output_dir else None
-        checkpoint = find_checkpoint(run_hint or default_run(config.model, config.train), resume)
+        checkpoint = resume_checkpoint(run_hint or default_run(config.model, config.train), resume)
         run = run_hint or checkpoint.parent
         check_resumable(read_state(checkpoint), config, folder)
         if run.resolve() != checkpoint.parent.resolve():
