@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,28 @@ class RunFolder:
         """Delete the files the manifest lists (``--force``), then the folders they leave empty."""
         self.files.remove_listed()
         self.manifest.unlink(missing_ok=True)
+
+    def stage_path(self, step: int) -> Path:
+        """Where ``checkpoint-STEP`` is written before :meth:`publish_checkpoint` renames it into place."""
+        return self.path / f".checkpoint-{step}.tmp"
+
+    def checkpoint_stage(self, step: int) -> Path:
+        """A fresh staging folder for ``checkpoint-STEP`` (the main process makes it; every process writes)."""
+        stage = self.stage_path(step)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        return stage
+
+    def publish_checkpoint(self, stage: Path, step: int, keep: int) -> Path:
+        """Rename a complete stage to ``checkpoint-STEP`` (replacing ours), list it, keep the newest ``keep``."""
+        target = self.path / f"checkpoint-{step}"
+        if target.exists():
+            self.forget(target)
+        os.replace(stage, target)
+        self.record(target)
+        for old in self.checkpoints()[:-keep] if keep else []:
+            self.forget(old)
+        return target
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""

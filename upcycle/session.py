@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,12 +70,11 @@ class Session:
     def save_checkpoint(self, train_loss: float | None, eval_loss: float | None,
                         data: dict | None = None, rng: dict | None = None) -> Path:
         """Write RUN/checkpoint-STEP atomically (staged, then renamed); every process calls this."""
-        acc, run = self.accelerator, self.run.path
-        target, stage = run / f"checkpoint-{self.step}", run / f".checkpoint-{self.step}.tmp"
+        acc = self.accelerator
+        stage = self.run.stage_path(self.step)
         full = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            shutil.rmtree(stage, ignore_errors=True)
-            stage.mkdir(parents=True)
+            self.run.checkpoint_stage(self.step)
         acc.wait_for_everyone()
         write_json(stage / f"rng-{acc.process_index}.json", rng or rng_state())
         if self.sharded:
@@ -94,14 +91,10 @@ class Session:
             write_json(stage / "state.json", self.state(train_loss, eval_loss))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if target.exists():
-                self.run.forget(target)
-            os.replace(stage, target)
-            self.run.record(target)
-            self.prune()
+            self.run.publish_checkpoint(stage, self.step, self.config.keep_checkpoints)
         acc.wait_for_everyone()
-        self.last_checkpoint = target
-        return target
+        self.last_checkpoint = self.run.path / f"checkpoint-{self.step}"
+        return self.last_checkpoint
 
     def save_interrupted(self) -> Path:
         """Checkpoint the last completed step (the interrupted one is redone on resume)."""
@@ -109,11 +102,6 @@ class Session:
         if self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{self.step}":
             return self.last_checkpoint
         return self.save_checkpoint(None, None, self.saved.get("data"), self.saved.get("rng"))
-
-    def prune(self) -> None:
-        keep = self.config.keep_checkpoints
-        for old in self.run.checkpoints()[:-keep] if keep else []:
-            self.run.forget(old)
 
     def load_state(self, checkpoint: Path) -> None:
         """Optimizer moments, data position and step (after ``prepare``); hyper-parameters stay the config's.
