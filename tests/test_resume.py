@@ -116,3 +116,17 @@ def test_checkpoints_hold_no_pickles(six_steps):
             torch.load(path, weights_only=True)
         elif path.is_file():
             assert path.suffix in (".json", ".safetensors"), path
+
+
+def test_resume_tolerates_a_torn_metrics_line(run_cli, moe_folder, code_text_dir, six_steps, tmp_path):
+    """A crash while appending leaves a half line: resume drops it (and says so) instead of failing."""
+    import shutil
+
+    run = tmp_path / "torn"
+    shutil.copytree(six_steps, run)
+    with (run / "metrics.jsonl").open("a") as out:
+        out.write('{"step": 7, "loss": 1.2')
+    code, _, err = run_cli(*args(moe_folder, code_text_dir, run, "--max-steps", 8, "--resume"))
+    assert code == 0, err
+    assert "dropped 1 unreadable line" in err
+    assert sorted(rows(run, "loss")) == list(range(1, 9))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,9 +157,22 @@ class Session:
 
 def trim_metrics(path: Path, step: int) -> None:
     """Drop metrics rows after ``step`` (written before an interruption, redone on resume)."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(row + "\n" for row in rows))
+    if not path.is_file():
+        return
+    rows, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1  # a line cut short by a crash while it was being appended
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(line)
+    if torn:
+        print(f"{path}: dropped {torn} unreadable line(s) (cut short by an earlier crash)", file=sys.stderr)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(row + "\n" for row in rows))
+    os.replace(tmp, path)
 
 
 def sources(specs: list[DataSpec]) -> list[DataSource]:
