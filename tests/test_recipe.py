@@ -139,3 +139,22 @@ def test_unset_flags_keep_the_recipe_and_set_flags_override_it(tmp_path, run_cli
     assert config.expert_lr_scale == 2.0 and config.bf16 is False and config.streaming is True
     assert config.decay_shape == "cosine" and config.output_dir == str(tmp_path / "run")
     assert config.seq_len == 64  # still the recipe's
+
+
+@pytest.mark.parametrize("key, value", [("lr", float("inf")), ("lr", float("nan")), ("weight_decay", -1.0),
+                                        ("beta2", 1.0), ("retain_coef", -1e-3), ("min_lr_ratio", 1.5),
+                                        ("clip", float("nan")), ("expert_lr_scale", 0.0), ("eps", 0.0)])
+def test_nonsense_numbers_are_refused_naming_the_flag(key, value):
+    from upcycle.errors import UpcycleError
+    from upcycle.recipe import resolve_config
+
+    with pytest.raises(UpcycleError, match="--" + key.replace("_", "-")):
+        resolve_config(None, model="m", data=["d"], **{key: value})
+
+
+def test_nan_average_weights_are_refused():
+    from upcycle.errors import UpcycleError
+    from upcycle.merging import coefficients
+
+    with pytest.raises(UpcycleError, match="--weights"):
+        coefficients("wma", 2, [float("nan"), 1.0])

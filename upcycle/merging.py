@@ -12,6 +12,7 @@ oldest input first) and ``wma`` (weighted), the checkpoint averaging of Doge tra
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def weighted_average(n: int, weights: list[float] | None = None, **_: object) ->
     weights = list(weights) if weights else [float(i + 1) for i in range(n)]
     if len(weights) != n:
         raise UpcycleError(f"--weights has {len(weights)} values for {n} inputs: give one weight per input")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise UpcycleError("--weights must be non-negative with a positive sum")
     total = sum(weights)
     return [w / total for w in weights]

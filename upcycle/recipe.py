@@ -9,6 +9,7 @@ fields (``path``, ``weight``, ``text_field``, ``split``, ``name``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -185,8 +186,24 @@ def validate(config: TrainConfig) -> None:
     for key in ("eval_every", "save_every", "keep_checkpoints"):
         if getattr(config, key) < 0:
             raise UpcycleError(f"{key} must be 0 or more, got {getattr(config, key)}")
-    if not config.lr > 0:
-        raise UpcycleError(f"--lr must be positive, got {config.lr}")
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UpcycleError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    checks = {"lr": (lambda v: v > 0, "above 0"), "eps": (lambda v: v > 0, "above 0"),
+              "expert_lr_scale": (lambda v: v > 0, "above 0"), "lora_alpha": (lambda v: v > 0, "above 0"),
+              "weight_decay": (lambda v: v >= 0, "at least 0"), "clip": (lambda v: v >= 0, "at least 0"),
+              "balance_coef": (lambda v: v >= 0, "at least 0"), "retain_coef": (lambda v: v >= 0, "at least 0"),
+              "min_lr_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+              "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+              "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)")}
+    for key, (ok, wanted) in checks.items():
+        if not ok(getattr(config, key)):
+            raise UpcycleError(f"--{key.replace('_', '-')} must be {wanted}, got {getattr(config, key)}")
+    for key in ("retain_tokens", "retain_samples"):
+        if getattr(config, key) < (1 if key == "retain_tokens" else 0):
+            raise UpcycleError(f"--{key.replace('_', '-')} must be at least {1 if key == 'retain_tokens' else 0}, "
+                               f"got {getattr(config, key)}")
     if not (0 <= config.warmup <= 1 and 0 <= config.decay <= 1 and config.warmup + config.decay <= 1):
         raise UpcycleError(f"warmup ({config.warmup}) and decay ({config.decay}) are fractions of max_steps "
                            "and must add up to at most 1")
