@@ -120,12 +120,16 @@ class RetainPenalty:
         """
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         picked = torch.randperm(self.states[0].shape[0], generator=generator)[: self.tokens]
+        weight = self.layers[0].up_embed.weight
+        if self.states[0].device != weight.device:  # once, after the model moved (accelerate's prepare)
+            self.states = [s.to(weight.device, weight.dtype) for s in self.states]
+            self.base = None if self.base is None else [b.to(weight.device) for b in self.base]
+        picked = picked.to(weight.device)
         terms = []
         for i, layer in enumerate(self.layers):
-            weight = layer.up_embed.weight
-            expert = layer.routed_experts(self.states[i][picked].to(weight.device, weight.dtype))[0].float()
+            expert = layer.routed_experts(self.states[i][picked])[0].float()
             if self.base is not None:
-                expert = expert - self.base[i][picked].to(expert.device)
+                expert = expert - self.base[i][picked]
             terms.append(expert.pow(2).sum(-1).mean())
         return self.coef * torch.stack(terms).mean()
 

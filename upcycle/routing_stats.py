@@ -30,10 +30,10 @@ class _Layer:
 
     def hook(self, module: CausalCDMoE, args, output) -> None:
         flat = args[0].reshape(-1, args[0].shape[-1])
-        logits = module.router_gate(flat).view(-1, 2, module.num_keys)
+        expert, logits = module.routed_experts(flat)  # one router pass: the indices come from its logits
+        expert = expert.float()
         scores, indices = route(logits, module.num_keys, module.top_k)
         weights = scores.float().softmax(-1)
-        expert = module.routed_experts(flat)[0].float()
         shared = output[0].reshape(flat.shape).float() - expert
         self.hits += torch.bincount(indices.flatten().cpu(), minlength=module.num_experts).double()
         self.tokens += flat.shape[0]
