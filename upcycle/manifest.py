@@ -86,11 +86,12 @@ class Manifest:
                 self.refuse(name, "which is not a regular file")
         return path
 
-    def owned(self) -> set[str]:
-        """``read()``, refusing an unreadable manifest when root holds anything else (nothing there is provably ours)."""
+    def owned(self, ignore: Iterable[str] = ()) -> set[str]:
+        """``read()``, refusing an unreadable manifest when root holds anything else (nothing there is provably
+        ours); names in ``ignore`` (a run folder's lock) do not count."""
         names = self.read()
         if self.damaged and self.root.is_dir():
-            others = sorted(p.name for p in self.root.iterdir() if not p.name.startswith(NAME))
+            others = sorted(p.name for p in self.root.iterdir() if not p.name.startswith(NAME) and p.name not in ignore)
             if others:
                 self.refuse_damaged(self.root / others[0])
         return names

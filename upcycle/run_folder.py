@@ -9,10 +9,16 @@ and folds trained tensors onto that base (:func:`fold`, used by the trainer for 
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import json
 import math
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from upcycle.safetensors_stream import scan
 OUR_NAMES = ("config.yaml", "metrics.jsonl", "experts.safetensors", SUMMARY, "adapter", "final",
              "logs", "retain.safetensors")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+LOCK = ".upcycle-lock"  # held by the trainer writing RUN: {"pid", "host", "started"}
 
 
 class RunFolder:
@@ -75,11 +82,11 @@ class RunFolder:
             return
         if not self.path.is_dir():
             raise UpcycleError(f"{self.path} is a file: choose another --output-dir")
-        entries = sorted(e for e in self.path.iterdir() if not e.name.startswith(MANIFEST))
+        entries = sorted(e for e in self.path.iterdir() if not e.name.startswith(MANIFEST) and e.name != LOCK)
         if entries and not force:
             raise UpcycleError(f"{self.path} already holds a run ({entries[0].name}): pass --resume to continue it, "
                                "--force to start over, or choose another --output-dir")
-        written = self.files.owned()  # every entry inside RUN, none behind a symlink; a damaged one refuses
+        written = self.files.owned(ignore=[LOCK])  # every entry inside RUN, none behind a symlink; a damaged one refuses
         for entry in filter(self.ours, entries):
             if entry.is_symlink():
                 raise UpcycleError(f"{entry} is a symlink: upcycle does not write through links in a run folder; "
@@ -93,6 +100,49 @@ class RunFolder:
         """Delete the files the manifest lists (``--force``), then the folders they leave empty."""
         self.files.remove_listed()
         self.manifest.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``RUN/.upcycle-lock`` (pid, host, start time) while a trainer writes RUN.
+
+        Only the main process (``RANK`` 0) takes it. A lock held by anyone, live or dead, is reported
+        (:func:`lock_error`) and never taken over. Released on any exit that runs Python's ``finally``
+        (errors, Ctrl-C); a RUN this call created and left empty is removed.
+        """
+        if os.environ.get("RANK", "0") != "0":
+            yield
+            return
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UpcycleError(f"cannot create {self.path} ({error.strerror}): choose an --output-dir you can "
+                               "write to") from None
+        lock = self.path / LOCK
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        try:
+            handle = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            raise lock_error(lock) from None
+        except OSError as error:
+            self.release(lock, created, mine=False)
+            raise UpcycleError(f"cannot write {lock} ({error.strerror}): choose an --output-dir you can "
+                               "write to") from None
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(json.dumps(holder) + "\n")
+            yield
+        finally:
+            self.release(lock, created, mine=True)
+
+    def release(self, lock: Path, created: bool, mine: bool) -> None:
+        if mine:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only when empty: a run that wrote nothing leaves nothing
 
     def stage_path(self, step: int) -> Path:
         """Where ``checkpoint-STEP`` is written before :meth:`publish_checkpoint` renames it into place."""
@@ -120,6 +170,38 @@ class RunFolder:
         """Complete checkpoints, oldest first."""
         found = [p for p in self.path.glob("checkpoint-*") if CHECKPOINT.match(p.name) and is_checkpoint(p)]
         return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+
+
+def lock_error(lock: Path) -> UpcycleError:
+    """Why ``lock`` stops this trainer: held by a live process, a dead one on this host, or another host."""
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host, started = int(holder["pid"]), str(holder["host"]), str(holder["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return UpcycleError(f"{lock.parent} is locked by another trainer ({lock} is unreadable): if no trainer "
+                            f"uses {lock.parent}, delete {lock} and retry")
+    who = f"pid {pid} on {host}, started {started}"
+    if host != socket.gethostname():
+        return UpcycleError(f"{lock.parent} is in use by a trainer on another machine ({who}): wait for it to "
+                            f"finish, or, if it is gone, delete {lock} and retry")
+    if pid_alive(pid):
+        return UpcycleError(f"{lock.parent} is in use by another trainer ({who}): wait for it to finish or "
+                            "choose another --output-dir")
+    return UpcycleError(f"{lock.parent} has a stale lock from a trainer that died ({who}): if no trainer uses "
+                        f"{lock.parent}, delete {lock} and resume with --resume")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as error:
+        return error.errno == errno.EPERM  # exists, owned by someone else
+    return True
 
 
 def resume_checkpoint(run: Path, resume: str) -> Path:

@@ -237,24 +237,25 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
         quiet_libraries()
     folder = check_model(config)
     checkpoint = None
+    run_hint = Path(config.output_dir) if config.output_dir else None
     if resume:
-        run_hint = Path(config.output_dir) if config.output_dir else None
         checkpoint = resume_checkpoint(run_hint or default_run(config.model, config.train), resume)
         run = run_hint or checkpoint.parent
-        check_resumable(read_state(checkpoint), config, folder)
-        if run.resolve() != checkpoint.parent.resolve():
-            RunFolder(run).check_fresh(force)
-        else:
-            RunFolder(run).written()  # every manifest entry inside RUN, before anything is written
     else:
-        run = Path(config.output_dir) if config.output_dir else default_run(config.model, config.train)
-        RunFolder(run).check_fresh(force)
-    config.output_dir = str(run)
-    session = open_session(config, folder, RunFolder(run), checkpoint, progress)
-    try:
-        return train_session(session, checkpoint, progress)
-    finally:
-        session.accelerator.end_training()
+        run = run_hint or default_run(config.model, config.train)
+    with RunFolder(run).lock():  # one trainer per RUN; released on any exit
+        if checkpoint is not None:
+            check_resumable(read_state(checkpoint), config, folder)
+        if checkpoint is not None and run.resolve() == checkpoint.parent.resolve():
+            RunFolder(run).written()  # every manifest entry inside RUN, before anything is written
+        else:
+            RunFolder(run).check_fresh(force)
+        config.output_dir = str(run)
+        session = open_session(config, folder, RunFolder(run), checkpoint, progress)
+        try:
+            return train_session(session, checkpoint, progress)
+        finally:
+            session.accelerator.end_training()
 
 
 def quiet_libraries() -> None:
