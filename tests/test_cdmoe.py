@@ -73,7 +73,8 @@ def test_expert_tensor_spec_matches_the_modules(num_experts):
     assert {n for n in state if n.split(".")[-2] in ROUTED_PARAMETER_NAMES} == set(full)
 
 
-@pytest.mark.parametrize("num_experts,top_k", [(64, 4), (64, 8), (16, 12), (1024, 8), (256, 1)])
+@pytest.mark.parametrize("num_experts,top_k", [(64, 4), (64, 8), (16, 12), (1024, 8), (256, 1), (4096, 64),
+                                               (16384, 64), (16384, 7)])
 def test_product_key_topk_equals_brute_force(num_experts, top_k):
     keys = num_keys_for(num_experts)
     logits = torch.randn(300, 2, keys, generator=torch.Generator().manual_seed(num_experts + top_k))

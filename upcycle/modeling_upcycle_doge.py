@@ -15,8 +15,15 @@ Here each token's logits are viewed as ``(2, num_keys)``, so routing is causal a
 a full forward equals token-by-token decoding.
 
 Top-k is exact product-key search: the best ``k`` sums ``x_i + y_j`` only use ``i``
-among the top ``k`` of ``x`` and ``j`` among the top ``k`` of ``y``, so we take the
-top ``k`` per half and then the top ``k`` of the ``k * k`` candidate sums.
+among the top ``k`` of ``x`` and ``j`` among the top ``k`` of ``y``, and only rank pairs
+with ``(rank_i + 1) * (rank_j + 1) <= k`` (:func:`candidate_pairs`), so we take the top
+``k`` per half and then the top ``k`` of about ``k ln k`` candidate sums.
+
+The expert term runs through two small autograd functions (:class:`RowDot`, :class:`RowMix`) that
+never keep the gathered ``(tokens, k, hidden)`` rows: scores are computed in cache-sized token
+chunks, the mix is ``embedding_bag``, and the table gradients are one sparse-dense product each.
+:func:`reference_routed_experts` is the straightforward version the tests compare against. The
+router (logits and top-k) runs in fp32 even under autocast.
 """
 
 from __future__ import annotations
@@ -31,17 +38,6 @@ from safetensors.torch import load_file
 from transformers.models.doge.configuration_doge import DogeConfig
 from transformers.utils import logging
 from transformers.models.doge.modeling_doge import DogeCDMoE, DogeForCausalLM
-
-try:  # einx is optional for remote-code users; the fallback is the same sum.
-    import einx
-
-    def _pair_sum(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return einx.add("n i, n j -> n (i j)", x, y)
-
-except ImportError:  # pragma: no cover - exercised only where einx is absent
-
-    def _pair_sum(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (x.unsqueeze(-1) + y.unsqueeze(-2)).flatten(-2)
 
 
 def num_keys_for(num_experts: int) -> int:
@@ -82,6 +78,17 @@ def is_routed_tensor(name: str) -> bool:
     return name.endswith(tuple(f"mlp.{part}.weight" for part in ROUTED_PARAMETER_NAMES))
 
 
+def candidate_pairs(half_k: int, top_k: int, device: torch.device | str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank pairs ``(i, j)`` (0-based, each half sorted by score) that can be among the best ``top_k`` sums.
+
+    A pair is beaten or tied by the ``(i + 1) * (j + 1) - 1`` pairs of lower ranks in both halves,
+    so only pairs with ``(i + 1) * (j + 1) <= top_k`` are needed: about ``top_k * ln(top_k)``, not ``top_k ** 2``.
+    """
+    ranks = torch.arange(1, half_k + 1, device=device)
+    return ((ranks[:, None] * ranks[None, :]) <= top_k).nonzero(as_tuple=True)
+
+
 def route(
     router_logits: torch.Tensor, num_keys: int, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,11 +97,129 @@ def route(
     Returns ``(scores, expert_indices)``, both ``(N, top_k)``, sorted by score.
     """
     half_k = min(top_k, num_keys)
-    half_scores, half_indices = router_logits.topk(half_k, dim=-1)  # (N, 2, half_k)
-    candidate_scores = _pair_sum(half_scores[:, 0], half_scores[:, 1])
-    candidate_indices = _pair_sum(half_indices[:, 0] * num_keys, half_indices[:, 1])
+    half_scores, half_indices = router_logits.topk(half_k, dim=-1)  # (N, 2, half_k), sorted
+    rows, cols = candidate_pairs(half_k, top_k, router_logits.device)
+    candidate_scores = half_scores[:, 0, rows] + half_scores[:, 1, cols]
+    candidate_indices = half_indices[:, 0, rows] * num_keys + half_indices[:, 1, cols]
     scores, position = candidate_scores.topk(top_k, dim=-1)
     return scores, candidate_indices.gather(-1, position)
+
+
+CHUNK_ELEMENTS = 1 << 18  # gathered (chunk, k, hidden) elements per step of row_dots: stays in cache
+
+
+def row_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """``out[n, j] = table[indices[n, j]] . states[n]`` for ``(N, k)`` indices and ``(N, hidden)`` states.
+
+    Gathers at most ``CHUNK_ELEMENTS`` rows' worth at a time, so no ``(N, k, hidden)`` tensor exists.
+    """
+    n, k = indices.shape
+    chunk = max(1, CHUNK_ELEMENTS // max(1, k * table.shape[1]))
+    if n <= chunk:
+        return (F.embedding(indices, table) * states.unsqueeze(1)).sum(-1)
+    out = torch.empty(n, k, dtype=torch.promote_types(table.dtype, states.dtype), device=table.device)
+    for start in range(0, n, chunk):
+        stop = start + chunk
+        out[start:stop] = (F.embedding(indices[start:stop], table) * states[start:stop].unsqueeze(1)).sum(-1)
+    return out
+
+
+def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Tensor, num_rows: int,
+                 sparse: bool | None = None) -> torch.Tensor:
+    """``out[e] = sum over (n, j) with indices[n, j] == e of weights[n, j] * states[n]``, shape ``(num_rows, hidden)``.
+
+    The table gradient of both expert products, accumulated in fp32. ``sparse`` (default: on CPU) is one
+    sparse-dense product with no ``(N * k, hidden)`` intermediate; otherwise ``index_add_`` over token chunks.
+    """
+    n, k = indices.shape
+    weights, states = weights.float(), states.float()
+    if sparse if sparse is not None else indices.device.type == "cpu":
+        tokens = torch.arange(n, device=indices.device).repeat_interleave(k)
+        matrix = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), tokens]), weights.reshape(-1),
+                                         (num_rows, n), check_invariants=False)
+        return torch.sparse.mm(matrix, states)
+    out = torch.zeros(num_rows, states.shape[1], dtype=torch.float32, device=states.device)
+    chunk = max(1, CHUNK_ELEMENTS * 16 // max(1, k * states.shape[1]))
+    for start in range(0, n, chunk):
+        stop = start + chunk
+        rows = weights[start:stop].unsqueeze(-1) * states[start:stop].unsqueeze(1)
+        out.index_add_(0, indices[start:stop].reshape(-1), rows.reshape(-1, states.shape[1]))
+    return out
+
+
+def row_mix(table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out[n] = sum_j weights[n, j] * table[indices[n, j]]``, shape ``(N, hidden)`` (``embedding_bag``)."""
+    return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+class RowDot(torch.autograd.Function):
+    """:func:`row_dots` with a backward that keeps only the indices (and the states, shared with the router)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table, indices, states)
+        return row_dots(table, indices, states)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        table, indices, states = ctx.saved_tensors
+        grad_table = grad_states = None
+        if ctx.needs_input_grad[0]:
+            grad_table = scatter_rows(indices, grad, states, table.shape[0]).to(table.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_states = row_mix(table, indices, grad).to(states.dtype)
+        return grad_table, None, grad_states
+
+
+class RowMix(torch.autograd.Function):
+    """:func:`row_mix` whose table gradient is one sparse product and whose weight gradient is :func:`row_dots`."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table, indices, weights)
+        return row_mix(table, indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        table, indices, weights = ctx.saved_tensors
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_table = scatter_rows(indices, weights, grad, table.shape[0]).to(table.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_weights = row_dots(table, indices, grad).to(weights.dtype)
+        return grad_table, None, grad_weights
+
+
+def router_logits_fp32(module: "CausalCDMoE", flat_states: torch.Tensor) -> torch.Tensor:
+    """``(N, 2, num_keys)`` router logits computed in fp32 (or fp64 for fp64 states), whatever autocast says."""
+    dtype = torch.promote_types(flat_states.dtype, torch.float32)
+    with torch.autocast(flat_states.device.type, enabled=False):
+        logits = F.linear(flat_states.to(dtype), module.router_gate.weight.to(dtype))
+    return logits.view(-1, 2, module.num_keys)
+
+
+def routing_weights_of(module: "CausalCDMoE", flat_states: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 router logits ``(N, 2, keys)``, expert indices ``(N, k)`` and fp32 routing weights ``(N, k)``."""
+    logits = router_logits_fp32(module, flat_states)
+    scores, indices = route(logits, module.num_keys, module.top_k)
+    weights = F.softmax(scores, dim=-1, dtype=logits.dtype)
+    if module.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return logits, indices, weights
+
+
+def reference_routed_experts(module: "CausalCDMoE", flat_states: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert term written out plainly (gather, batched dot, weighted sum): what the fast path must equal."""
+    with torch.autocast(flat_states.device.type, enabled=False):
+        router_logits, indices, routing_weights = routing_weights_of(module, flat_states)
+        down = F.embedding(indices, module.down_embed.weight)  # (N, k, hidden)
+        expert_scores = torch.bmm(down, flat_states.unsqueeze(-1).to(down.dtype)).squeeze(-1)
+        weights = (module.act_fn(expert_scores) * routing_weights).to(module.up_embed.weight.dtype)
+        up = F.embedding(indices, module.up_embed.weight)
+        expert_states = torch.bmm(weights.unsqueeze(1), up).squeeze(1)
+    return expert_states, router_logits
 
 
 class CausalCDMoE(DogeCDMoE):
@@ -112,18 +237,21 @@ class CausalCDMoE(DogeCDMoE):
         self.routed = routed  # False: the layer holds expert tensors but computes only the shared MLP
 
     def routed_experts(self, flat_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert term for ``(N, hidden)`` states; returns it and ``(N, 2, keys)`` logits."""
-        router_logits = self.router_gate(flat_states).view(-1, 2, self.num_keys)
-        scores, indices = route(router_logits, self.num_keys, self.top_k)
-        routing_weights = F.softmax(scores, dim=-1, dtype=torch.float32)
-        if self.norm_topk_prob:
-            routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
-        down = F.embedding(indices, self.down_embed.weight)  # (N, k, hidden)
-        expert_scores = torch.bmm(down, flat_states.unsqueeze(-1).to(down.dtype)).squeeze(-1)
-        weights = (self.act_fn(expert_scores) * routing_weights).to(self.up_embed.weight.dtype)
-        expert_states = F.embedding_bag(
-            indices, self.up_embed.weight, per_sample_weights=weights, mode="sum"
-        )
+        """Expert term for ``(N, hidden)`` states; returns it (tables' dtype) and fp32 ``(N, 2, keys)`` logits.
+
+        Runs outside autocast: the router in fp32, the gathers and products in the tables' dtype.
+        """
+        with torch.autocast(flat_states.device.type, enabled=False):
+            router_logits, indices, routing_weights = routing_weights_of(self, flat_states)
+            down, up = self.down_embed.weight, self.up_embed.weight
+            states = flat_states.to(down.dtype)
+            if torch.is_grad_enabled():
+                expert_scores = RowDot.apply(down, indices, states)
+                weights = (self.act_fn(expert_scores) * routing_weights).to(up.dtype)
+                expert_states = RowMix.apply(up, indices, weights)
+            else:
+                weights = self.act_fn(row_dots(down, indices, states)) * routing_weights
+                expert_states = row_mix(up, indices, weights)
         return expert_states, router_logits
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
