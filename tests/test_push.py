@@ -21,7 +21,9 @@ TOKEN = "hf_FAKEtokenThatMustNeverLeak0123456789"
 
 
 class FakeHub:
-    """Records requests; ``mode`` is "ok", "401" or "drop"; ``drop_first`` drops that many commits."""
+    """Records requests; ``mode`` is "ok", "401", "drop", "echo-400" or "echo-500" (a commit error whose body
+    and request-id header quote the request's Authorization header, as a misbehaving proxy might);
+    ``drop_first`` drops that many commits."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
@@ -39,9 +41,11 @@ def handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args) -> None:
             pass
 
-        def reply(self, code: int, payload: dict) -> None:
+        def reply(self, code: int, payload: dict, headers: dict | None = None) -> None:
             data = json.dumps(payload).encode()
             self.send_response(code)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -63,6 +67,9 @@ def handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if hub.drop_first and "/commit/" in path:
                     hub.drop_first -= 1
                 return self.drop()
+            if hub.mode.startswith("echo-") and "/commit/" in path:
+                echoed = str(self.headers.get("Authorization"))  # in the body and the first line (request id)
+                return self.reply(int(hub.mode[5:]), {"error": f"bad request: {echoed}"}, {"X-Request-Id": echoed})
             if hub.mode == "401" or self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self.reply(401, {"error": "Invalid credentials in Authorization header"})
             if path == "/api/repos/create":
@@ -206,3 +213,33 @@ def test_push_without_token_or_offline(tmp_path, moe_folder, fake_hub, run_cli, 
     code, stdout, stderr = run_cli("export", moe_folder, "-o", tmp_path / "b", "--repo-id", "me/x", "--push")
     assert "HF_HUB_OFFLINE" in one_line_error(code, stderr) and not (tmp_path / "b").exists()
     assert not fake_hub.requests and TOKEN not in stdout + stderr
+
+
+def test_push_uploads_exactly_what_export_wrote_and_dry_run_lists_it(tmp_path, moe_folder, fake_hub, run_cli):
+    out = tmp_path / "hub"
+    assert run_cli("export", moe_folder, "-o", out)[0] == 0
+    (out / "notes.txt").write_text("my notes, not for the Hub")
+    (out / "private").mkdir()
+    (out / "private" / "secret.json").write_text("{}")
+    code, dry, stderr = run_cli("export", moe_folder, "--dry-run", "--repo-id", "me/tiny-moe", "--push")
+    assert code == 0, stderr
+    listed = {line.split()[-1] for line in dry.splitlines()[1:] if line.startswith("  ")}
+    code, stdout, stderr = run_cli("export", moe_folder, "-o", out, "--force", "--repo-id", "me/tiny-moe", "--push")
+    assert code == 0, stderr
+    uploaded = fake_hub.files[("me/tiny-moe", "main")]
+    written = json.loads((out / ".upcycle-manifest.json").read_text())["files"]
+    assert set(uploaded) == set(written) == listed and "README.md" in listed
+    assert "notes.txt" not in uploaded and "private/secret.json" not in uploaded
+    assert (out / "notes.txt").is_file()
+    assert uploaded == {name: (out / name).read_bytes() for name in written}
+
+
+@pytest.mark.parametrize("mode", ["echo-400", "echo-500"])
+def test_an_http_error_never_echoes_the_token(tmp_path, moe_folder, fake_hub, run_cli, mode):
+    fake_hub.mode = mode
+    out = tmp_path / "hub"
+    code, stdout, stderr = run_cli("export", moe_folder, "-o", out, "--repo-id", "me/tiny-moe", "--push")
+    line = one_line_error(code, stderr)
+    assert ("rejected" in line) if mode == "echo-400" else ("HTTP 500" in line)
+    assert "hf upload me/tiny-moe" in line
+    assert_no_token(stdout, stderr, out)

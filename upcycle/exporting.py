@@ -4,8 +4,9 @@ The folder holds sharded safetensors with an index, ``config.json`` with ``auto_
 and the remote code, the tokenizer, a generation config, ``training_summary.json``
 when known and a ``README.md`` model card. ``adapter_only`` writes the expert adapter
 instead (:mod:`upcycle.adapter`). ``push`` uploads with huggingface_hub (token from
-``HF_TOKEN`` or ``hf auth login``; ``HF_ENDPOINT`` honoured); the token is never printed
-or written. Nothing local is deleted when an upload fails.
+``HF_TOKEN`` or ``hf auth login``; ``HF_ENDPOINT`` honoured) exactly the files export wrote,
+the set ``--dry-run`` lists (never other files kept in OUT); the token is never printed or
+written, even when the Hub echoes it. Nothing local is deleted when an upload fails.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from upcycle.adapter import write_adapter
 from upcycle.errors import UpcycleError
-from upcycle.folder import (MANIFEST, SUMMARY, check_output, copy_companions, is_repo_id, read_config, staged_output,
+from upcycle.folder import (SUMMARY, check_output, copy_companions, is_repo_id, read_config, staged_output,
                             weight_files, write_folder_extras)
 from upcycle.merging import merge
 from upcycle.model_card import CardInfo, build_card
@@ -155,7 +156,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike | None = None, repo_
             files = sorted((str(p.relative_to(stage)), p.stat().st_size) for p in stage.rglob("*") if p.is_file())
         result = ExportResult(None if dry_run else Path(out), files, repo_id, dry_run=dry_run, notes=notes)
     if push and not dry_run:
-        result.url = push_folder(Path(out), repo_id, private=private, revision=revision)
+        result.url = push_folder(Path(out), repo_id, [name for name, _ in files], private=private, revision=revision)
     return result
 
 
@@ -184,8 +185,15 @@ def check_can_push() -> None:
         raise UpcycleError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with write access)")
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = False, revision: str | None = None) -> str:
-    """Create the repo (and branch) and upload ``folder`` in one commit; retry dropped connections."""
+def redact(text: str, token: str) -> str:
+    """``text`` with the token blanked out (a Hub or proxy error may echo the request's headers)."""
+    return text.replace(token, "hf_***") if token else text
+
+
+def push_folder(folder: Path, repo_id: str, names: list[str], private: bool = False,
+                revision: str | None = None) -> str:
+    """Create the repo (and branch) and upload ``names`` (paths in ``folder``, what export wrote) in one
+    commit; retry dropped connections. Error messages never hold the token."""
     later = f"{folder} is kept: upload it later with `hf upload {repo_id} {folder}`"
     token = get_token()
     if not token:
@@ -198,9 +206,9 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, revision: str
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                       commit_message="Upload upcycled Doge model with upcycle",
-                                       ignore_patterns=[MANIFEST, ".*"])
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in names]
+            commit = api.create_commit(repo_id=repo_id, operations=operations, revision=revision,
+                                       commit_message="Upload upcycled Doge model with upcycle")
             return str(commit.commit_url)
         except OfflineModeIsEnabled:
             raise UpcycleError(f"HF_HUB_OFFLINE is set: unset it to push; {later}") from None
@@ -210,11 +218,11 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, revision: str
                 raise UpcycleError(f"the Hub refused the token ({status}) for {repo_id}: run `hf auth login` or set "
                                    f"HF_TOKEN to a token with write access; {later}") from None
             if status is None or status < 500:
-                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                first = redact(str(error).splitlines()[0], token) if str(error) else type(error).__name__
                 raise UpcycleError(f"the Hub rejected the upload ({first}); {later}") from None
             reason = f"HTTP {status}"
         except transport_errors() as error:
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'connection lost'}"
+            reason = f"{type(error).__name__}: {redact(str(error).splitlines()[0], token) if str(error) else 'connection lost'}"
         if attempt < RETRIES:
             time.sleep(RETRY_WAIT * 2 ** (attempt - 1))
     where = endpoint or "the Hugging Face Hub"
