@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from upcycle import data as data_module
-from upcycle.data import DataSource, build_data, build_retain, parse_source
+from upcycle.data import DOC_CHARS, DataSource, build_data, build_retain, parse_source, text_documents
 from upcycle.errors import UpcycleError
 
 
@@ -263,8 +263,8 @@ def test_streaming_formats_and_hold_out(tok, code_text_dir, tmp_path):
     assert torch.equal(out[0][1], out[1][1]) and out[0][1].shape == (4, 64)
     assert torch.equal(take(out[0][0], 300), take(out[1][0], 300))
 
-    # streaming hold-out: whole documents leave training
-    docs = {encode(tok, p.read_text(encoding="utf-8")) for p in code_text_dir.iterdir()}
+    # streaming hold-out: whole documents (plain-text files cut by text_documents) leave training
+    docs = {encode(tok, d) for p in code_text_dir.iterdir() for d in text_documents(p.read_text(encoding="utf-8"))}
     stream, evals = build_data([DataSource(str(code_text_dir))], tok, 256, eval_blocks=3, streaming=True,
                                cache_dir=str(tmp_path / "c"))
     assert evals.shape == (3, 256)
@@ -364,3 +364,35 @@ def test_bad_inputs(tok, tmp_path, code_text_dir, monkeypatch, streaming):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     fails([DataSource("hf:no-such-org/no-such-dataset")], "Hub dataset")
+
+
+def test_text_documents_cut_after_blank_lines():
+    text = "".join(f"paragraph {i}\n" + "x" * 300 + "\n\n" for i in range(200))
+    pieces = text_documents(text)
+    assert "".join(pieces) == text and len(pieces) > 2
+    assert all(len(p) <= DOC_CHARS for p in pieces) and all(p.endswith("\n\n") for p in pieces[:-1])
+    lines = "a line\n" * 5000  # no blank line: cut after a newline
+    assert all(p.endswith("\n") for p in text_documents(lines)) and "".join(text_documents(lines)) == lines
+    assert text_documents("y" * (DOC_CHARS + 5)) == ["y" * DOC_CHARS, "y" * 5]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_one_text_file_trains_without_eval_data(tok, code_text_dir, tmp_path, streaming):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in sorted(code_text_dir.iterdir())))
+    stream, evals = build_data([DataSource(str(corpus))], tok, 64, eval_blocks=4, streaming=streaming,
+                               cache_dir=str(tmp_path / "c"))
+    assert evals.shape == (4, 64)
+    held = set(rows(evals))
+    assert not held & set(rows(take(stream, 200)))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("name, content", [("bad.jsonl", b'{"text": "a"}\n{bad\n'), ("binary.txt", bytes(range(256)) * 8)])
+def test_malformed_files_are_one_line_errors(tok, tmp_path, capfd, streaming, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UpcycleError, match="cannot read|not UTF-8") as error:
+        build_data([DataSource(str(path))], tok, 16, eval_blocks=1, streaming=streaming, cache_dir=str(tmp_path / "c"))
+    assert name in str(error.value) and "\n" not in str(error.value)
+    assert "Failed to load" not in capfd.readouterr().err  # datasets' own log line is muted

@@ -13,17 +13,21 @@ Two orders, chosen by ``streaming``:
   into the permutation)``: resuming is O(1) and re-reads nothing.
 * ``streaming=True``: each source is a stream of documents (``datasets`` IterableDataset),
   every epoch shuffled with a seeded buffer and packed back to back; the held-out eval
-  blocks are the first documents of an eval-seeded pass. Resuming re-reads, without
-  tokenizing, up to the saved position.
+  blocks are the first documents of an eval-seeded pass. A plain-text file is split into
+  documents of at most ``DOC_CHARS`` characters, cut after a blank line (else a newline), so
+  one .txt file has documents to hold out. Resuming re-reads, without tokenizing, up to the
+  saved position.
 
 In both, each block comes from one source, chosen per block by a seeded weighted draw.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -41,6 +45,7 @@ BUILDERS = {**{s: "text" for s in TEXT_SUFFIXES}, ".jsonl": "json", ".json": "js
 PIECE_CHARS = 1 << 20  # longer documents are tokenized in pieces cut after a newline
 BATCH_CHARS, BATCH_DOCS = 1 << 22, 2048  # one tokenizer call
 CACHE_FORMAT = 1  # bump when the token arrays change meaning
+DOC_CHARS = 1 << 14  # with streaming, a plain-text file is read as documents of at most this many characters
 
 
 @dataclass
@@ -114,8 +119,32 @@ def _local(builder: str, paths: list[str], streaming: bool, cache_dir: str | Non
     import datasets
 
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=paths, split="train", streaming=streaming,
-                                 cache_dir=cache_dir, **kwargs)
+    with _readable(paths):
+        return datasets.load_dataset(builder, data_files=paths, split="train", streaming=streaming,
+                                     cache_dir=cache_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def _readable(paths: list[str]):
+    """Turn ``datasets``' failures to parse a local file into one line naming it (its own log lines muted)."""
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow.lib import ArrowException
+
+    library = logging.getLogger("datasets")
+    level = library.level
+    library.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except (DatasetGenerationError, ArrowException, UnicodeDecodeError) as error:
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        named = paths[0] if len(paths) == 1 else f"one of {paths[0]} ... ({len(paths)} files)"
+        raise UpcycleError(f"cannot read {named} ({type(cause).__name__}: {first[:200]}): fix or remove the "
+                           "malformed file (JSON Lines: one JSON object per line; text: UTF-8)") from None
+    finally:
+        library.setLevel(level)
 
 
 def _column(ds, field: str, source: DataSource):
@@ -130,20 +159,50 @@ def _column(ds, field: str, source: DataSource):
 def _load(source: DataSource, streaming: bool, cache_dir: str | None) -> list[Iterable[str]]:
     """The source's document collections (one per file type), reduced to their text column."""
     if source.path.startswith("hf:"):
-        sets = [(_hub(source, streaming, cache_dir), source.text_field)]
-    else:
-        sets = [(_local(builder, paths, streaming, cache_dir), "text" if builder == "text" else source.text_field)
-                for builder, paths in _groups(_files(source)).items()]
-    return [_Texts(_column(ds, field, source), field) for ds, field in sets]
+        return [_Texts(_column(_hub(source, streaming, cache_dir), source.text_field, source), source.text_field)]
+    out = []
+    for builder, paths in _groups(_files(source)).items():
+        field = "text" if builder == "text" else source.text_field
+        with _readable(paths):
+            ds = _column(_local(builder, paths, streaming, cache_dir), field, source)
+        out.append(_Texts(ds, field, paths, split=builder == "text"))
+    return out
 
 
 @dataclass
 class _Texts:
+    """The documents of one collection; ``split``: plain-text files, cut with :func:`text_documents`."""
+
     dataset: Iterable[dict]
     field: str
+    paths: list[str] | None = None  # local files, named when one cannot be parsed
+    split: bool = False
 
     def __iter__(self) -> Iterator[str]:
-        return (row[self.field] for row in self.dataset)
+        rows = iter(self.dataset)
+        while True:
+            with _readable(self.paths) if self.paths else contextlib.nullcontext():
+                row = next(rows, None)
+            if row is None:
+                return
+            if self.split and isinstance(row[self.field], str):
+                yield from text_documents(row[self.field])
+            else:
+                yield row[self.field]
+
+
+def text_documents(text: str) -> list[str]:
+    """A plain-text file's documents under streaming: pieces of at most ``DOC_CHARS`` characters, each cut
+    after the last blank line of its window, else after the last newline, else at the limit."""
+    pieces, start = [], 0
+    while len(text) - start > DOC_CHARS:
+        window = text[start:start + DOC_CHARS]
+        blank = window.rfind("\n\n")
+        cut = blank + 2 if blank > 0 else window.rfind("\n") + 1
+        cut = cut if cut > 0 else DOC_CHARS
+        pieces.append(text[start:start + cut])
+        start += cut
+    return pieces + [text[start:]]
 
 
 # ---------------------------------------------------------------- tokenizing (non-streaming)
