@@ -130,3 +130,27 @@ def test_resume_tolerates_a_torn_metrics_line(run_cli, moe_folder, code_text_dir
     assert code == 0, err
     assert "dropped 1 unreadable line" in err
     assert sorted(rows(run, "loss")) == list(range(1, 9))
+
+
+
+def test_rowwise_expert_optimizer_trains_and_resumes_exactly(run_cli, moe_folder, code_text_dir, tmp_path):
+    """--expert-optimizer rowwise: the eval loss goes down, checkpoint-6 resumed equals the straight run, and a
+    resume with another --expert-optimizer is refused naming the flag."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    code, _, err = run_cli(*args(moe_folder, code_text_dir, straight, "--max-steps", 12, "--expert-optimizer",
+                                 "rowwise"))
+    assert code == 0, err
+    evals = rows(straight, "eval_loss")
+    assert evals[12] < evals[0] - 0.02, evals
+    optimizer = torch.load(straight / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    assert sorted(g.get("rowwise") for g in optimizer["param_groups"]) == [False, True]
+    code, _, err = run_cli(*args(moe_folder, code_text_dir, resumed, "--max-steps", 12, "--expert-optimizer",
+                                 "rowwise", f"--resume={straight / 'checkpoint-6'}"))
+    assert code == 0, err
+    a, b = rows(straight, "loss"), rows(resumed, "loss")
+    assert sorted(b) == list(range(7, 13)) and max(abs(a[s] - b[s]) for s in b) <= 1e-6
+    x, y = load_file(straight / "experts.safetensors"), load_file(resumed / "experts.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    code, _, err = run_cli(*args(moe_folder, code_text_dir, tmp_path / "other", "--max-steps", 12,
+                                 f"--resume={straight / 'checkpoint-6'}"))
+    assert code == 2 and "--expert-optimizer" in err and len(err.strip().splitlines()) == 1, err

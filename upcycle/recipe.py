@@ -24,6 +24,7 @@ TRAIN_MODES = ("experts", "experts+lora", "lora", "all")
 # measured on bench/frontier.py (bench/RESULTS.md): experts-only gains most at 1e-2
 DEFAULT_LR = {"experts": 1e-2, "experts+lora": 1e-2, "lora": 1e-3, "all": 1e-4}
 DECAY_SHAPES = ("linear", "cosine")
+EXPERT_OPTIMIZERS = ("adamw", "rowwise", "rowwise-bf16")
 DataSpec = str | dict[str, Any]
 
 
@@ -68,6 +69,10 @@ class TrainConfig:
         "help": "Blocks sampled from the base model when no --retain-data is given (0: none)."})
     expert_lr_scale: float = field(default=1.0, metadata={
         "help": "Learning rate of down_embed/up_embed relative to --lr (the router keeps --lr)."})
+    expert_optimizer: str = field(default="adamw", metadata={
+        "help": "Optimizer of down_embed/up_embed: adamw (dense moments, 2x the table bytes), rowwise (one second "
+                "moment per row, about 1/hidden x; rows no token picked stay untouched) or rowwise-bf16 (rowwise "
+                "plus a bf16 first moment, 0.5x + 1/hidden). The router and other tensors keep AdamW."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (updates are scaled by alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -178,6 +183,9 @@ def validate(config: TrainConfig) -> None:
         raise UpcycleError(f"--train {config.train!r} is not one of {', '.join(TRAIN_MODES)}")
     if config.decay_shape not in DECAY_SHAPES:
         raise UpcycleError(f"decay_shape {config.decay_shape!r} is not one of {', '.join(DECAY_SHAPES)}")
+    if config.expert_optimizer not in EXPERT_OPTIMIZERS:
+        raise UpcycleError(f"--expert-optimizer {config.expert_optimizer!r} is not one of "
+                           f"{', '.join(EXPERT_OPTIMIZERS)}")
     for key in ("max_steps", "batch_size", "grad_accum", "eval_blocks", "log_every", "lora_r"):
         if getattr(config, key) < 1:
             raise UpcycleError(f"{key} must be at least 1, got {getattr(config, key)}")

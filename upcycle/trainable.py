@@ -10,6 +10,7 @@ from torch import nn
 from upcycle.modeling_upcycle_doge import ROUTED_PARAMETER_NAMES, CausalCDMoE
 from upcycle.errors import UpcycleError
 from upcycle.recipe import TrainConfig
+from upcycle.rowwise import RowwiseAdamW
 
 EXPERT_SUFFIXES = tuple(f"mlp.{part}.weight" for part in ROUTED_PARAMETER_NAMES)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,7 +68,8 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """Optimizer groups of the trainable tensors with the current config's hyper-parameters.
 
     Vectors (norms, biases) get no weight decay; the expert tables get ``lr * expert_lr_scale``.
-    Each group carries ``base_lr``, the stable-stage lr that :func:`apply_schedule` scales.
+    Each group carries ``base_lr``, the stable-stage lr that :func:`apply_schedule` scales, and with a
+    rowwise ``--expert-optimizer`` a ``rowwise`` flag (true for the expert tables).
     """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in trainable_parameters(model).items():
@@ -76,6 +78,8 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     for (matrix, table), params in sorted(groups.items()):
         out.append({"params": params, "weight_decay": config.weight_decay if matrix else 0.0,
                     "base_lr": config.lr * (config.expert_lr_scale if table else 1.0)})
+        if config.expert_optimizer != "adamw":
+            out[-1]["rowwise"] = table
     return out
 
 
@@ -83,12 +87,19 @@ def group_hyperparameters(config: TrainConfig) -> dict:
     return {"betas": (config.beta1, config.beta2), "eps": config.eps}
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable tensors only (groups from :func:`param_groups`), at the step-0 lr."""
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of the trainable tensors only (groups from :func:`param_groups`), at the step-0 lr.
+
+    AdamW, or with a rowwise ``--expert-optimizer`` :class:`~upcycle.rowwise.RowwiseAdamW` (rowwise
+    expert tables, AdamW for the rest).
+    """
     groups = param_groups(model, config)
     for group in groups:
         group["lr"] = group["base_lr"]
-    return torch.optim.AdamW(groups, **group_hyperparameters(config))
+    if config.expert_optimizer == "adamw":
+        return torch.optim.AdamW(groups, **group_hyperparameters(config))
+    momentum = "bf16" if config.expert_optimizer == "rowwise-bf16" else "none"
+    return RowwiseAdamW(groups, momentum=momentum, **group_hyperparameters(config))
 
 
 def adopt_hyperparameters(optimizer: torch.optim.Optimizer, model: nn.Module, config: TrainConfig) -> None:
@@ -103,6 +114,9 @@ def adopt_hyperparameters(optimizer: torch.optim.Optimizer, model: nn.Module, co
                            f"({len(optimizer.param_groups)} vs {len(fresh)}): resume with the same --train, "
                            "--weight-decay sign and expert lr setting, or start a new run")
     for group, new in zip(optimizer.param_groups, fresh):
+        if group.get("rowwise", False) != new.get("rowwise", False):
+            raise UpcycleError("the checkpoint's optimizer state is for another --expert-optimizer than "
+                               f"{config.expert_optimizer}: resume with the one it was trained with")
         group.update({"weight_decay": new["weight_decay"], "base_lr": new["base_lr"],
                       **group_hyperparameters(config)})
         group.pop("initial_lr", None)
