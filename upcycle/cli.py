@@ -14,7 +14,7 @@ import sys
 import click
 
 from upcycle.commands import continue_train, expand, export, merge, quickstart
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, describe
 from upcycle.version import __version__
 
 VERBS: dict[str, click.Command] = {
@@ -58,18 +58,22 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except OSError as error:  # disk full, permissions, ...: still one line
-        where = f" ({error.filename})" if error.filename else ""
-        click.echo(f"error: {error.strerror or error}{where}", err=True)
-        sys.exit(1)
+    except click.UsageError as error:  # a bad flag or value: one line, and where the help is
+        where = f"upcycle {error.ctx.info_name}" if error.ctx and error.ctx.parent else "upcycle"
+        click.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(error.exit_code)
     except click.ClickException as error:
-        error.show()
+        click.echo(f"error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except Exception as error:  # a bug or an unforeseen input: still one line, the traceback on request
         if os.environ.get("UPCYCLE_DEBUG"):
             raise
+        known = describe(error)  # disk full, permissions, safetensors I/O
+        if known:
+            click.echo(f"error: {known}", err=True)
+            sys.exit(1)
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         click.echo(f"error: unexpected {type(error).__name__}: {first} (set UPCYCLE_DEBUG=1 for the traceback "
                    "and please report it)", err=True)

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
-from upcycle.folder import parse_dtype, read_config, resolve_source, staged_output, weight_files, write_folder_extras
+from upcycle.folder import (check_room, parse_dtype, read_config, resolve_source, staged_output, weight_files,
+                            write_folder_extras)
 from upcycle.modeling_upcycle_doge import routed_tensor_shapes
 from upcycle.safetensors_stream import SourceTensor, TensorPlan, human_bytes, parse_size, scan, write_sharded
 
@@ -60,7 +61,7 @@ class ExpandResult:
 
 def default_experts_per_token(num_experts: int) -> int:
     """sqrt(N)/4: 1024 -> 8 (the published Doge MoE), 4096 -> 16, 16384 -> 32."""
-    return max(1, math.isqrt(num_experts) // 4)
+    return max(1, math.isqrt(max(num_experts, 0)) // 4)
 
 
 def default_output(src: str, num_experts: int) -> Path:
@@ -71,6 +72,9 @@ def default_output(src: str, num_experts: int) -> Path:
 
 
 def validate(num_experts: int, experts_per_token: int) -> None:
+    if num_experts < 1:
+        raise UpcycleError(f"--experts {num_experts} must be a positive perfect square (product-key routing needs "
+                           "num_keys**2 experts): try 16, 256 or 1024")
     keys = math.isqrt(num_experts) if num_experts > 0 else 0
     if num_experts < 1 or keys * keys != num_experts:
         lower, upper = keys * keys, (keys + 1) ** 2
@@ -185,6 +189,8 @@ def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | No
         raw["dtype"] = str(dtype).removeprefix("torch.")
 
     total = sum(p.nbytes for p in plans)
+    largest = max(math.prod(p.shape) for p in plans if p.name in set(added))
+    check_room(out, total, 2 * 4 * largest, f"--experts {num_experts}")  # a new tensor is made in float32, scaled
     with staged_output(out, force=force) as stage:
         with tqdm(total=total, unit="B", unit_scale=True, desc="expand", disable=not progress) as bar:
             write_sharded(stage, plans, max_shard_size, on_bytes=bar.update)

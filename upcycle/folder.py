@@ -30,7 +30,7 @@ from transformers import DogeConfig
 
 from upcycle.errors import UpcycleError
 from upcycle.manifest import NAME as MANIFEST
-from upcycle.manifest import Manifest
+from upcycle.manifest import Manifest, current_umask
 from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM
 
 MODELING_FILE = Path(__file__).with_name("modeling_upcycle_doge.py")
@@ -197,6 +197,35 @@ def save_model(model: torch.nn.Module, out: str | os.PathLike, source: str | os.
     return Path(out)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give this process (Linux MemAvailable), None when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_room(out: Path, disk_bytes: int, memory_bytes: int, what: str) -> None:
+    """Refuse, before anything is written, an output larger than the free disk at OUT or than free memory."""
+    existing = Path(out).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if disk_bytes > free:
+        raise UpcycleError(f"{what} writes {disk_bytes / 1e9:,.1f} GB but {existing} has {free / 1e9:,.1f} GB free: "
+                           "choose a smaller setting or an output folder on a larger disk")
+    memory = available_memory()
+    if memory is not None and memory_bytes > memory:
+        raise UpcycleError(f"{what} needs about {memory_bytes / 1e9:,.1f} GB of memory for its largest tensor but "
+                           f"{memory / 1e9:,.1f} GB is available: choose a smaller setting")
+
+
 def check_output(out: Path, force: bool) -> None:
     """Refuse a non-empty OUT unless ``force`` (then its manifest must be sound); check its parent is writable."""
     if out.exists() and not out.is_dir():
@@ -225,6 +254,7 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp makes it private; OUT follows the umask
     except OSError as error:
         raise UpcycleError(f"cannot write to {out.parent} ({error.strerror}): choose an output folder "
                            "you can write to") from None

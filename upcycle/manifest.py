@@ -28,6 +28,13 @@ from upcycle.errors import UpcycleError
 NAME = ".upcycle-manifest.json"
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class Manifest:
     """The manifest of ``root``: read, record, forget, remove the listed files."""
 
@@ -113,7 +120,7 @@ class Manifest:
         self.root.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(prefix=f"{NAME}.", suffix=".tmp", dir=self.root)
         try:
-            os.fchmod(handle, 0o644)  # mkstemp makes it private; a manifest is as readable as the files it lists
+            os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp makes it private; follow the umask like every file
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
                 stream.write(text)
                 stream.flush()
