@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import DamagedCheckpoint
+
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch (and CUDA) RNG state as plain JSON values (no pickles in checkpoints)."""
@@ -28,7 +29,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], origin: Path | None = None) -> None:
+    """Restore :func:`rng_state`'s values; a malformed state is a :class:`DamagedCheckpoint`."""
+    try:
+        apply_rng_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError) as error:
+        raise DamagedCheckpoint(f"{origin or 'the RNG state'} is not an RNG state ({type(error).__name__}): "
+                                "the checkpoint is damaged", origin) from None
+
+
+def apply_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -46,8 +56,8 @@ def read_json(path: Path) -> Any:
     """A JSON file of a run folder; a one-line error when it is damaged."""
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UpcycleError(f"{path} is not valid JSON ({error}): the checkpoint is damaged") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedCheckpoint(f"{path} is not valid JSON ({error}): the checkpoint is damaged", path) from None
 
 
 def load_torch_state(path: Path) -> Any:
@@ -55,11 +65,11 @@ def load_torch_state(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
-        raise UpcycleError(f"{path} is missing: the checkpoint is incomplete, resume from another one") from None
+        raise DamagedCheckpoint(f"{path} is missing: the checkpoint is incomplete", path) from None
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UpcycleError(f"cannot read {path} safely ({first[:160]}): it is damaged or not an upcycle "
-                           "checkpoint") from None
+        raise DamagedCheckpoint(f"cannot read {path} safely ({first[:160]}): it is damaged or not an upcycle "
+                                "checkpoint", path) from None
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -71,4 +81,4 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as error:
-        raise UpcycleError(f"cannot read {path} ({str(error).splitlines()[0]}): the file is damaged") from None
+        raise DamagedCheckpoint(f"cannot read {path} ({str(error).splitlines()[0]}): the file is damaged", path) from None

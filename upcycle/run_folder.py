@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from upcycle.checkpoint import load_tensors, read_json
-from upcycle.errors import UpcycleError
+from upcycle.errors import DamagedCheckpoint, UpcycleError
 from upcycle.folder import MANIFEST, SUMMARY, load_model, read_config, resolve_source, weight_files
 from upcycle.manifest import Manifest
 from upcycle.modeling_upcycle_doge import is_routed_tensor, routed_tensor_shapes
@@ -219,7 +219,49 @@ def resume_checkpoint(run: Path, resume: str) -> Path:
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    return read_json(checkpoint / "state.json")
+    """``state.json`` of a checkpoint, checked to hold a step (else :class:`DamagedCheckpoint`)."""
+    path = checkpoint / "state.json"
+    state = read_json(path)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise DamagedCheckpoint(f"{path} holds no step count: the checkpoint is damaged", path)
+    return state
+
+
+def check_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """Read a checkpoint's state, data position, RNG states and tensor headers before anything is written
+    (:class:`DamagedCheckpoint` names the first damaged file); returns the state."""
+    state = read_state(checkpoint)
+    for path in [checkpoint / "data.json", *sorted(checkpoint.glob("rng-*.json"))]:
+        if not isinstance(read_json(path), dict):
+            raise DamagedCheckpoint(f"{path} is not a JSON object: the checkpoint is damaged", path)
+    tensors = checkpoint / "trainable.safetensors"
+    if tensors.is_file():
+        try:
+            scan([tensors])  # its errors already name the file and say it is damaged
+        except UpcycleError as error:
+            raise DamagedCheckpoint(str(error), tensors) from None
+    return state
+
+
+def older_checkpoint(checkpoint: Path) -> Path | None:
+    """The newest checkpoint of the same run before ``checkpoint`` whose state reads, if any."""
+    match = CHECKPOINT.match(checkpoint.name)
+    if not match:
+        return None
+    for candidate in reversed(RunFolder(checkpoint.parent).checkpoints()):
+        if int(CHECKPOINT.match(candidate.name).group(1)) < int(match.group(1)):
+            with contextlib.suppress(UpcycleError):
+                check_checkpoint(candidate)
+                return candidate
+    return None
+
+
+def damaged_hint(error: DamagedCheckpoint, checkpoint: Path) -> UpcycleError:
+    """``error`` with what to do: resume the previous checkpoint by name, or start over."""
+    older = older_checkpoint(checkpoint)
+    if older is not None:
+        return UpcycleError(f"{error}; resume from the previous checkpoint with --resume={older}")
+    return UpcycleError(f"{error}; no older checkpoint of this run reads: start over with --force")
 
 
 @dataclass

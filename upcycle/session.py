@@ -16,7 +16,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from upcycle.checkpoint import load_tensors, load_torch_state, read_json, rng_state, save_tensors, write_json
 from upcycle.data import DataSource, PackedStream, build_data, build_retain, parse_source
-from upcycle.errors import UpcycleError
+from upcycle.errors import DamagedCheckpoint, UpcycleError
 from upcycle.folder import SUMMARY, load_model, save_model
 from upcycle.recipe import DataSpec, TrainConfig, save_config
 from upcycle.run_folder import RunFolder, fold, read_state, training_summary
@@ -115,7 +115,11 @@ class Session:
             raise UpcycleError(f"the checkpoint's optimizer state is sharded over {state.get('world_size')} "
                                f"process(es): resume it on {state.get('world_size')}, not {world}")
         optimizer = checkpoint / (f"optimizer-{rank}.pt" if self.sharded else "optimizer.pt")
-        self.optimizer.load_state_dict(load_torch_state(optimizer))
+        try:
+            self.optimizer.load_state_dict(load_torch_state(optimizer))
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise DamagedCheckpoint(f"{optimizer} does not fit this run's optimizer ({type(error).__name__}): "
+                                    "the checkpoint is damaged", optimizer) from None
         adopt_hyperparameters(self.optimizer, self.accelerator.unwrap_model(self.model), self.config)
         self.stream.load_state_dict(read_json(checkpoint / "data.json"))
         self.step = state["step"]

@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from upcycle.checkpoint import read_json, set_rng_state
-from upcycle.errors import UpcycleError
+from upcycle.errors import DamagedCheckpoint, UpcycleError
 from upcycle.folder import read_config, resolve_source
 from upcycle.recipe import TrainConfig, validate
 from upcycle.session import Session, open_session
 from upcycle.retain import RetainPenalty
-from upcycle.run_folder import RunFolder, read_state, resume_checkpoint
+from upcycle.run_folder import RunFolder, check_checkpoint, damaged_hint, resume_checkpoint
 from upcycle.routing_stats import collect
 from upcycle.trainable import RouterLogits, apply_schedule
 
@@ -244,18 +244,29 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
     else:
         run = run_hint or default_run(config.model, config.train)
     with RunFolder(run).lock():  # one trainer per RUN; released on any exit
-        if checkpoint is not None:
-            check_resumable(read_state(checkpoint), config, folder)
-        if checkpoint is not None and run.resolve() == checkpoint.parent.resolve():
-            RunFolder(run).written()  # every manifest entry inside RUN, before anything is written
-        else:
-            RunFolder(run).check_fresh(force)
-        config.output_dir = str(run)
-        session = open_session(config, folder, RunFolder(run), checkpoint, progress)
         try:
-            return train_session(session, checkpoint, progress)
-        finally:
-            session.accelerator.end_training()
+            return locked_run(config, folder, run, checkpoint, force, progress)
+        except DamagedCheckpoint as error:
+            if checkpoint is None:
+                raise
+            raise damaged_hint(error, checkpoint) from None
+
+
+def locked_run(config: TrainConfig, folder: Path, run: Path, checkpoint: Path | None, force: bool,
+               progress: bool) -> TrainResult:
+    """Check RUN (and the checkpoint), then open the session and train, holding RUN's lock."""
+    if checkpoint is not None:
+        check_resumable(check_checkpoint(checkpoint), config, folder)
+    if checkpoint is not None and run.resolve() == checkpoint.parent.resolve():
+        RunFolder(run).written()  # every manifest entry inside RUN, before anything is written
+    else:
+        RunFolder(run).check_fresh(force)
+    config.output_dir = str(run)
+    session = open_session(config, folder, RunFolder(run), checkpoint, progress)
+    try:
+        return train_session(session, checkpoint, progress)
+    finally:
+        session.accelerator.end_training()
 
 
 def quiet_libraries() -> None:
@@ -302,7 +313,8 @@ def train_session(session: Session, checkpoint: Path | None, progress: bool) -> 
         initial_eval = measured.get("eval_loss")
         log_row(session, {"step": 0, **measured})
     if checkpoint is not None:
-        set_rng_state(read_json(rng_file(checkpoint, acc.process_index)))
+        rng = rng_file(checkpoint, acc.process_index)
+        set_rng_state(read_json(rng), rng)
     try:
         train_loss, eval_loss = run_loop(session, progress)
     except KeyboardInterrupt:
