@@ -47,6 +47,8 @@ METHODS = {
                     "train": "experts", "layers": "top-half", "lrs": EXPERT_LRS},
     "experts-retain": {"label": "experts-only, default recipe + --retain-data (A sample)",
                        "train": "experts", "retain": True, "lrs": EXPERT_LRS},
+    "experts-top-retain": {"label": "experts-only, top half of the layers + --retain-data (A sample)",
+                           "train": "experts", "layers": "top-half", "retain": True, "lrs": EXPERT_LRS},
     "full-replay": {"label": "full fine-tuning + 10% replay of the same A sample", "train": "all", "replay": 0.1,
                     "lrs": FULL_LRS},
     "lora-matched": {"label": "LoRA, rank matching the experts' trainable count", "train": "lora",
@@ -55,11 +57,13 @@ METHODS = {
                       "retain_coef": 1e-2, "lrs": EXPERT_LRS},
     "experts-plain": {"label": "experts-only, no penalty (previous recipe)", "train": "experts",
                       "retain_coef": 0.0, "lrs": EXPERT_LRS},
+    "lora-top": {"label": "LoRA, rank matching the top-half experts' trainable count", "train": "lora",
+                 "lora_r": "matched-top", "lrs": LORA_LRS},
     "lora-r8": {"label": "LoRA r 8", "train": "lora", "lora_r": 8, "lrs": LORA_LRS},
     "lora-r32": {"label": "LoRA r 32", "train": "lora", "lora_r": 32, "lrs": LORA_LRS},
 }
 SIZES = {"small": {"steps": 150, "batch": 8, "eval_per_file": 4},
-         "large": {"steps": 150, "batch": 8, "eval_per_file": 4, "pretrain_steps": 1500,
+         "large": {"steps": 60, "batch": 8, "eval_per_file": 4, "pretrain_steps": 400,
                    "shape": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=8,
                                  num_attention_heads=2, num_key_value_heads=1)}}
 TIE = 0.02  # nats
@@ -146,11 +150,13 @@ def moe_start(work: Path, dense: str, seed: int, layers: str = "all") -> Path:
     return out
 
 
-def expert_count(dense: str) -> int:
+def expert_count(dense: str, layers: str = "all") -> int:
+    from upcycle.expansion import parse_layers
     from upcycle.folder import read_config
 
     c = read_config(Path(dense))
-    return c.num_hidden_layers * (2 * math.isqrt(EXPERTS) * c.hidden_size + 2 * EXPERTS * c.hidden_size)
+    routed = len(parse_layers(layers, c.num_hidden_layers) or range(c.num_hidden_layers))
+    return routed * (2 * math.isqrt(EXPERTS) * c.hidden_size + 2 * EXPERTS * c.hidden_size)
 
 
 def lora_rank(dense: str, target: int) -> int:
@@ -187,7 +193,9 @@ def run_arm(work: Path, method: str, lr: float, seed: int, args) -> dict:
     data = [f"{work / 'b-train.jsonl'}:{1 - replay}"] + ([f"{work / 'a-train.jsonl'}:{replay}"] if replay else [])
     extra: dict = {}
     if spec["train"] == "lora":
-        rank = lora_rank(setup["dense"], expert_count(setup["dense"])) if spec["lora_r"] == "matched" else spec["lora_r"]
+        matched = {"matched": "all", "matched-top": "top-half"}
+        rank = (lora_rank(setup["dense"], expert_count(setup["dense"], matched[spec["lora_r"]]))
+                if spec["lora_r"] in matched else spec["lora_r"])
         extra = {"lora_r": rank, "lora_alpha": 2.0 * rank}
     if spec.get("retain"):
         extra["retain_data"] = [str(work / "a-train.jsonl")]
@@ -368,8 +376,9 @@ def report(work: Path, args, seconds: float | None) -> str:
              "Frontier checks (test split; a method is on or beyond a baseline's frontier at an lr when its B loss "
              f"is within {TIE} nats of the baseline's B interpolated at the same A, the dense start counting as the "
              "baseline's zero-lr point):"]
-    for method, baseline in (("experts", "full"), ("experts-retain", "full-replay"), ("experts", "lora-matched"),
-                             ("experts-plain", "full")):
+    for method, baseline in (("experts-top", "full"), ("experts-top-retain", "full-replay"),
+                             ("experts-top", "lora-top"), ("experts", "full"), ("experts-retain", "full-replay"),
+                             ("experts", "lora-matched"), ("experts-plain", "full")):
         rows = compare(results, start, method, baseline)
         if rows:
             lines += [f"- `{method}` against `{baseline}`:", *rows]

@@ -38,6 +38,15 @@ from upcycle.retain import build_penalty  # noqa: E402
 from upcycle.train import batch_loss  # noqa: E402
 from upcycle.trainable import build_optimizer, select_trainable  # noqa: E402
 
+# variant -> (layers with experts or None for the dense model, TrainConfig overrides)
+VARIANT_SPECS: dict[str, tuple[list[int] | str | None, dict]] = {
+    "full": (None, {"train": "all"}),
+    "experts": ("all", {}),
+    "experts-top": (list(range(4, 8)), {}),
+    "experts-top-r256": (list(range(4, 8)), {"retain_tokens": 256}),
+    "experts-top-nopenalty": (list(range(4, 8)), {"retain_coef": 0.0}),
+    "experts-top3": (list(range(5, 8)), {}),
+}
 VARIANTS = ("full", "experts", "experts-top")
 SHAPE = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
              num_key_value_heads=1, tie_word_embeddings=True)
@@ -46,24 +55,25 @@ SHAPE = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidde
 def build(variant: str, device: str, bsz: int, seq: int) -> Callable[[], None]:
     """One optimizer step of ``variant`` as a closure."""
     torch.manual_seed(0)
-    if variant == "full":
+    layers, overrides = VARIANT_SPECS[variant]
+    if layers is None:
         config = DogeConfig(**SHAPE)
     else:
         config = DogeConfig(**SHAPE, is_moe=True, num_experts=1024, num_experts_per_tok=8)
-        if variant == "experts-top":
-            config.upcycle_expert_layers = list(range(4, 8))
+        if layers != "all":
+            config.upcycle_expert_layers = layers
     model = UpcycleDogeForCausalLM(config).to(device).train()
-    train = resolve_config(None, model="m", data=["d"], train="all" if variant == "full" else "experts", lr=1e-3)
+    train = resolve_config(None, model="m", data=["d"], **{"train": "experts", "lr": 1e-3, **overrides})
     model = select_trainable(model, train)
     optimizer = build_optimizer(model, train)
     retain = None
-    if variant != "full":
+    if layers is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "up_embed" in name:
                     p.zero_()
         blocks = torch.randint(0, 32768, (64, seq), generator=torch.Generator().manual_seed(3))
-        retain = build_penalty(model, blocks.to(device), train.retain_coef, train.retain_tokens, seed=0)
+        retain = None if train.retain_coef == 0 else build_penalty(model, blocks.to(device), train.retain_coef, train.retain_tokens, seed=0)
     ids = torch.randint(0, 32768, (bsz, seq), generator=torch.Generator().manual_seed(1)).to(device)
     state = {"step": 0}
 
@@ -77,11 +87,11 @@ def build(variant: str, device: str, bsz: int, seq: int) -> Callable[[], None]:
     return step
 
 
-def memory(device: str, bsz: int, seq: int) -> dict[str, float]:
+def memory(device: str, bsz: int, seq: int, variants: list[str]) -> dict[str, float]:
     if device.startswith("cuda"):
-        return {v: peak_extra(build(v, device, bsz, seq), device) for v in VARIANTS}
+        return {v: peak_extra(build(v, device, bsz, seq), device) for v in variants}
     out = {}
-    for v in VARIANTS:
+    for v in variants:
         cmd = [sys.executable, __file__, "--memory-of", v, "--batch", str(bsz), "--seq", str(seq)]
         out[v] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     return out
@@ -95,18 +105,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ",".join(VARIANT_SPECS))
+    ap.add_argument("--memory-of", choices=sorted(VARIANT_SPECS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_of:
         print(json.dumps(peak_extra(build(args.memory_of, args.device, args.batch, args.seq), args.device)))
         return
+    variants = ["full"] + [v for v in args.variants.split(",") if v and v != "full"]
+    unknown = sorted(set(variants) - set(VARIANT_SPECS))
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANT_SPECS)}")
     where = hardware(args.device)
-    steps = {v: build(v, args.device, args.batch, args.seq) for v in VARIANTS}
+    steps = {v: build(v, args.device, args.batch, args.seq) for v in variants}
     times = interleaved(steps, args.repeats, args.warmup, args.device)
     del steps
-    mem = memory(args.device, args.batch, args.seq)
+    mem = memory(args.device, args.batch, args.seq, variants)
     rows = ["| variant | step time (ms) | time / full | tokens/s | peak extra memory (MB) |", "|---|---|---|---|---|"]
-    for v in VARIANTS:
+    for v in variants:
         rows.append(f"| {v} | {times[v] * 1e3:.0f} | **{times[v] / times['full']:.2f}x** | "
                     f"{args.batch * args.seq / times[v]:,.0f} | {mem[v]:.0f} |")
     cmd = "python bench/recipe_cost.py" + (f" --device {args.device}" if args.device != "cpu" else "")

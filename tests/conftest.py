@@ -87,7 +87,7 @@ def moe_folder(tmp_path_factory, dense_folder) -> Path:
     from upcycle.expansion import expand
 
     out = tmp_path_factory.mktemp("moe") / "model"
-    expand(dense_folder, num_experts=64, experts_per_token=4, out=out, seed=0, progress=False)
+    expand(dense_folder, num_experts=64, experts_per_token=4, out=out, seed=0, progress=False, layers="all")
     return out
 
 

@@ -120,13 +120,16 @@ def test_default_output_is_a_new_sibling(tmp_path, tokenizer_dir, run_cli):
         assert label in out
 
 
-def test_summary_counts(dense_folder, tmp_path):
-    result = expand(dense_folder, num_experts=64, experts_per_token=4, out=tmp_path / "o", progress=False)
+@pytest.mark.parametrize("layers, routed", [("all", 2), (None, 1)])  # None: the default, the top half
+def test_summary_counts(dense_folder, tmp_path, layers, routed):
+    kwargs = {} if layers is None else {"layers": layers}
+    result = expand(dense_folder, num_experts=64, experts_per_token=4, out=tmp_path / "o", progress=False, **kwargs)
     dense_params = sum(p.numel() for p in DogeForCausalLM.from_pretrained(dense_folder).parameters())
-    added = 2 * (2 * 8 * 64 + 2 * 64 * 64)
+    per_layer = 2 * 8 * 64 + 2 * 64 * 64
+    added = 2 * per_layer
     assert (result.params_before, result.params_added) == (dense_params, added)
     assert result.params_after == dense_params + added == sum(p.numel() for p in upcycle.load_model(result.out).parameters())
-    assert result.trainable == added
+    assert result.trainable == routed * per_layer
     assert result.bytes_on_disk == sum(f.stat().st_size for f in result.out.iterdir() if f.is_file())
 
 
