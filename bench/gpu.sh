@@ -15,7 +15,7 @@ python bench/recipe_cost.py --device cuda --repeats 20 --warmup 5 --no-write | t
 
 # 2. the frontier at the large size (dense start pretrained on domain A inside the bench, cached)
 python bench/frontier.py --size large --gpu --work "$WORK/frontier-large" \
-    --methods experts,full,experts-top,experts-retain,full-replay,lora-matched,lora-r8,lora-r32 \
+    --methods experts-top,full,experts-top-retain,full-replay,lora-top,experts,lora-r8,lora-r32 --steps 150 \
     --no-write | tee "$OUT/frontier-large.md"
 
 # 3. two-process FSDP equals one process (needs two GPUs; skipped on one)
