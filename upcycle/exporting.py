@@ -140,6 +140,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike | None = None, repo_
         check_can_push()
     with tempfile.TemporaryDirectory(prefix="upcycle-export-") as tmp:
         folder, summary = resolve_model(model, None if adapter_only else base, Path(tmp))
+        read_config(folder)  # a non-Doge folder is refused before anything is written
         name = (repo_id or str(out or folder.name)).rstrip("/").split("/")[-1]
         target = Path(tmp) / "dry-run" if dry_run else Path(out)
         with staged_output(target, force=force) as stage:

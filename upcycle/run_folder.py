@@ -112,7 +112,7 @@ class RunFolder:
         if os.environ.get("RANK", "0") != "0":
             yield
             return
-        created = not self.path.exists()
+        created = [p for p in [self.path, *self.path.parents] if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -136,13 +136,13 @@ class RunFolder:
         finally:
             self.release(lock, created, mine=True)
 
-    def release(self, lock: Path, created: bool, mine: bool) -> None:
+    def release(self, lock: Path, created: list[Path], mine: bool) -> None:
         if mine:
             with contextlib.suppress(OSError):
                 lock.unlink()
-        if created:
+        for folder in created:  # innermost first, only when empty: a run that wrote nothing leaves nothing
             with contextlib.suppress(OSError):
-                self.path.rmdir()  # only when empty: a run that wrote nothing leaves nothing
+                folder.rmdir()
 
     def stage_path(self, step: int) -> Path:
         """Where ``checkpoint-STEP`` is written before :meth:`publish_checkpoint` renames it into place."""
@@ -231,7 +231,7 @@ def check_checkpoint(checkpoint: Path) -> dict[str, Any]:
     """Read a checkpoint's state, data position, RNG states and tensor headers before anything is written
     (:class:`DamagedCheckpoint` names the first damaged file); returns the state."""
     state = read_state(checkpoint)
-    for path in [checkpoint / "data.json", *sorted(checkpoint.glob("rng-*.json"))]:
+    for path in [checkpoint / "data.json", *(sorted(checkpoint.glob("rng-*.json")) or [checkpoint / "rng-0.json"])]:
         if not isinstance(read_json(path), dict):
             raise DamagedCheckpoint(f"{path} is not a JSON object: the checkpoint is damaged", path)
     tensors = checkpoint / "trainable.safetensors"

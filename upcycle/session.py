@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,22 @@ class Session:
         if acc.is_main_process:
             self.run.checkpoint_stage(self.step)
         acc.wait_for_everyone()
+        try:
+            self.write_stage(stage, full, train_loss, eval_loss, data, rng)
+        except Exception:  # disk full, ...: an unfinished stage is never left behind
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.run.publish_checkpoint(stage, self.step, self.config.keep_checkpoints)
+        acc.wait_for_everyone()
+        self.last_checkpoint = self.run.path / f"checkpoint-{self.step}"
+        return self.last_checkpoint
+
+    def write_stage(self, stage: Path, full: dict, train_loss: float | None, eval_loss: float | None,
+                    data: dict | None, rng: dict | None) -> None:
+        """This process's files of a checkpoint (the main process writes the shared ones)."""
+        acc = self.accelerator
         write_json(stage / f"rng-{acc.process_index}.json", rng or rng_state())
         if self.sharded:
             torch.save(self.optimizer.state_dict(), stage / f"optimizer-{acc.process_index}.pt")
@@ -91,12 +108,6 @@ class Session:
                 torch.save(self.optimizer.state_dict(), stage / "optimizer.pt")
             write_json(stage / "data.json", data or self.stream.state_dict())
             write_json(stage / "state.json", self.state(train_loss, eval_loss))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.run.publish_checkpoint(stage, self.step, self.config.keep_checkpoints)
-        acc.wait_for_everyone()
-        self.last_checkpoint = self.run.path / f"checkpoint-{self.step}"
-        return self.last_checkpoint
 
     def save_interrupted(self) -> Path:
         """Checkpoint the last completed step (the interrupted one is redone on resume)."""
@@ -105,18 +116,16 @@ class Session:
             return self.last_checkpoint
         return self.save_checkpoint(None, None, self.saved.get("data"), self.saved.get("rng"))
 
-    def load_state(self, checkpoint: Path) -> None:
-        """Optimizer moments, data position and step (after ``prepare``); hyper-parameters stay the config's.
-
-        Nothing is unpickled: optimizer files load with ``weights_only=True``, the rest is JSON.
-        """
+    def load_state(self, checkpoint: Path, optimizer_state: dict) -> None:
+        """Optimizer moments (``optimizer_state``, read by :func:`read_optimizer`), data position and step
+        (after ``prepare``); hyper-parameters stay the config's."""
         rank, world, state = self.accelerator.process_index, self.accelerator.num_processes, read_state(checkpoint)
         if (state.get("sharded") or self.sharded) and state.get("world_size") != world:
             raise UpcycleError(f"the checkpoint's optimizer state is sharded over {state.get('world_size')} "
                                f"process(es): resume it on {state.get('world_size')}, not {world}")
         optimizer = checkpoint / (f"optimizer-{rank}.pt" if self.sharded else "optimizer.pt")
         try:
-            self.optimizer.load_state_dict(load_torch_state(optimizer))
+            self.optimizer.load_state_dict(optimizer_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise DamagedCheckpoint(f"{optimizer} does not fit this run's optimizer ({type(error).__name__}): "
                                     "the checkpoint is damaged", optimizer) from None
@@ -259,6 +268,7 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
     trainable = trainable_parameters(model)
     plain_names = [n for n in trainable if "lora_" not in n]
     optimizer = build_optimizer(model, config)
+    optimizer_state = read_optimizer(checkpoint, acc) if checkpoint is not None else None  # before any write
     acc.wait_for_everyone()  # every process has checked RUN before the main one writes there
     if acc.is_main_process:
         if checkpoint is None:
@@ -276,11 +286,17 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
                       list(trainable.values()), plain_names, router, retain,
                       None if retain_blocks is None else retain_blocks[: config.eval_blocks])
     if checkpoint is not None:
-        session.load_state(checkpoint)
+        session.load_state(checkpoint, optimizer_state)
     hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in
                dataclasses.asdict(config).items()}
     acc.init_trackers("upcycle", config=hparams)
     return session
+
+
+def read_optimizer(checkpoint: Path, acc: Accelerator) -> dict:
+    """This process's optimizer state file, loaded with ``weights_only=True`` (nothing is unpickled)."""
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return load_torch_state(checkpoint / (f"optimizer-{acc.process_index}.pt" if sharded else "optimizer.pt"))
 
 
 def load_retain_blocks(config: TrainConfig, model: torch.nn.Module, tokenizer, checkpoint: Path | None,
