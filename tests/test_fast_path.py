@@ -110,7 +110,7 @@ def test_no_gathered_rows_are_kept_for_backward():
         assert (max(saved) >= gathered) == wanted, saved
 
 
-def test_chunked_and_scattered_helpers():
+def test_fused_dots_and_scattered_rows_helpers():
     gen = torch.Generator().manual_seed(7)
     table, states = torch.randn(50, 16, generator=gen), torch.randn(3000, 16, generator=gen)
     indices, weights = torch.randint(0, 50, (3000, 4), generator=gen), torch.randn(3000, 4, generator=gen)

@@ -20,8 +20,9 @@ with ``(rank_i + 1) * (rank_j + 1) <= k`` (:func:`candidate_pairs`), so we take 
 ``k`` per half and then the top ``k`` of about ``k ln k`` candidate sums.
 
 The expert term runs through two small autograd functions (:class:`RowDot`, :class:`RowMix`) that
-never keep the gathered ``(tokens, k, hidden)`` rows: scores are computed in cache-sized token
-chunks, the mix is ``embedding_bag``, and the table gradients are one sparse-dense product each.
+never build or keep the gathered ``(tokens, k, hidden)`` rows: scores are one fused gather-and-dot
+(:func:`row_dots`), the mix is ``embedding_bag``, and the table gradients are one sparse-dense
+product each (:func:`scatter_rows`).
 :func:`reference_routed_experts` is the straightforward version the tests compare against. The
 router (logits and top-k) runs in fp32 even under autocast.
 """
@@ -94,34 +95,42 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact product-key top-k for per-token logits of shape ``(N, 2, num_keys)``.
 
-    Returns ``(scores, expert_indices)``, both ``(N, top_k)``, sorted by score.
+    Returns ``(scores, expert_indices)``, both ``(N, top_k)``, sorted by score. The search runs without
+    autograd; the scores are then gathered from the logits, so their gradient is two ``(N, top_k)`` scatters.
     """
     half_k = min(top_k, num_keys)
-    half_scores, half_indices = router_logits.topk(half_k, dim=-1)  # (N, 2, half_k), sorted
-    rows, cols = candidate_pairs(half_k, top_k, router_logits.device)
-    candidate_scores = half_scores[:, 0, rows] + half_scores[:, 1, cols]
-    candidate_indices = half_indices[:, 0, rows] * num_keys + half_indices[:, 1, cols]
-    scores, position = candidate_scores.topk(top_k, dim=-1)
-    return scores, candidate_indices.gather(-1, position)
+    with torch.no_grad():
+        half_scores, half_indices = router_logits.topk(half_k, dim=-1)  # (N, 2, half_k), sorted
+        rows, cols = candidate_pairs(half_k, top_k, router_logits.device)
+        candidate_scores = half_scores[:, 0, rows] + half_scores[:, 1, cols]
+        position = candidate_scores.topk(top_k, dim=-1).indices
+        first = half_indices[:, 0].gather(-1, rows[position])
+        second = half_indices[:, 1].gather(-1, cols[position])
+    scores = router_logits[:, 0].gather(-1, first) + router_logits[:, 1].gather(-1, second)
+    return scores, first * num_keys + second
 
 
-CHUNK_ELEMENTS = 1 << 18  # gathered (chunk, k, hidden) elements per step of row_dots: stays in cache
+CHUNK_ELEMENTS = 1 << 18  # (N * k, hidden) elements per index_add_ step of scatter_rows off CPU
+
+
+def bags(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N, k)`` indices as ``embedding_bag``'s flat form: indices, bag offsets and each index's bag."""
+    n, k = indices.shape
+    tokens = torch.arange(n, device=indices.device)
+    return indices.reshape(-1), tokens * k, tokens.repeat_interleave(k)
 
 
 def row_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """``out[n, j] = table[indices[n, j]] . states[n]`` for ``(N, k)`` indices and ``(N, hidden)`` states.
 
-    Gathers at most ``CHUNK_ELEMENTS`` rows' worth at a time, so no ``(N, k, hidden)`` tensor exists.
+    One fused gather-and-dot, with no ``(N, k, hidden)`` tensor: the kernel of ``embedding_bag``'s
+    per-sample-weight gradient (the gradient of ``<states, sum_j w[n, j] table[indices[n, j]]>`` in ``w``).
     """
-    n, k = indices.shape
-    chunk = max(1, CHUNK_ELEMENTS // max(1, k * table.shape[1]))
-    if n <= chunk:
-        return (F.embedding(indices, table) * states.unsqueeze(1)).sum(-1)
-    out = torch.empty(n, k, dtype=torch.promote_types(table.dtype, states.dtype), device=table.device)
-    for start in range(0, n, chunk):
-        stop = start + chunk
-        out[start:stop] = (F.embedding(indices[start:stop], table) * states[start:stop].unsqueeze(1)).sum(-1)
-    return out
+    flat, offsets, offset2bag = bags(indices)
+    states = states.to(table.dtype).contiguous()
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        states, table, flat, offsets, offset2bag, 0, -1)  # mode 0: sum; no padding index
+    return dots.view(indices.shape)
 
 
 def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Tensor, num_rows: int,
@@ -134,12 +143,12 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Ten
     n, k = indices.shape
     weights, states = weights.float(), states.float()
     if sparse if sparse is not None else indices.device.type == "cpu":
-        tokens = torch.arange(n, device=indices.device).repeat_interleave(k)
-        matrix = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), tokens]), weights.reshape(-1),
-                                         (num_rows, n), check_invariants=False)
+        flat, _, offset2bag = bags(indices)
+        matrix = torch.sparse_coo_tensor(torch.stack([flat, offset2bag]), weights.reshape(-1), (num_rows, n),
+                                         check_invariants=False)
         return torch.sparse.mm(matrix, states)
     out = torch.zeros(num_rows, states.shape[1], dtype=torch.float32, device=states.device)
-    chunk = max(1, CHUNK_ELEMENTS * 16 // max(1, k * states.shape[1]))
+    chunk = max(1, CHUNK_ELEMENTS // max(1, k * states.shape[1]))
     for start in range(0, n, chunk):
         stop = start + chunk
         rows = weights[start:stop].unsqueeze(-1) * states[start:stop].unsqueeze(1)
