@@ -11,7 +11,7 @@ from upcycle.modeling_upcycle_doge import (CausalCDMoE, RowDot, RowMix, referenc
 
 SHAPES = [  # hidden, experts, per token, tokens
     (16, 16, 1, 1), (16, 16, 4, 7), (16, 256, 8, 1), (64, 64, 2, 33), (64, 64, 4, 1), (64, 256, 8, 300),
-    (16, 1024, 4, 40), (64, 64, 8, 129)]
+    (16, 1024, 4, 40), (64, 64, 8, 129), (16, 16, 8, 5)]  # the last: more per token than keys per half
 
 
 def module(hidden: int, experts: int, k: int, norm: bool = False, seed: int = 0,
