@@ -2,8 +2,7 @@
 
 This single file is both part of the ``upcycle`` package and the remote code that
 ships inside every model folder upcycle writes (``auto_map`` in ``config.json``).
-It must therefore import nothing from ``upcycle`` itself: only torch, transformers
-and (optionally) einx.
+It must therefore import nothing from ``upcycle`` itself: only torch and transformers.
 
 The block is transformers' ``DogeCDMoE`` with the same parameters
 (``gate_proj``/``up_proj``/``down_proj`` shared expert, ``router_gate``,
