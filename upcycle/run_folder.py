@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,16 @@ OUR_NAMES = ("config.yaml", "metrics.jsonl", "experts.safetensors", SUMMARY, "ad
              "logs", "retain.safetensors")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 LOCK = ".upcycle-lock"  # held by the trainer writing RUN: {"pid", "host", "started"}
+STAGES = (".checkpoint-*.tmp", ".final.tmp-*")  # unfinished writes of a killed trainer, removed under the lock
+CRASH_AT = "UPCYCLE_CRASH_AT"  # tests only: "POINT" or "POINT:STEP" kills the trainer there (crash_point)
+
+
+def crash_point(name: str, step: int | None = None) -> None:
+    """A named instant inside the run folder's writes; SIGKILLs this process when ``UPCYCLE_CRASH_AT``
+    names it (how tests/test_sigkill.py dies mid-write). A no-op otherwise."""
+    wanted = os.environ.get(CRASH_AT)
+    if wanted and wanted in (name, f"{name}:{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RunFolder:
@@ -132,9 +143,22 @@ class RunFolder:
         try:
             with os.fdopen(handle, "w") as out:
                 out.write(json.dumps(holder) + "\n")
+            self.remove_stages()
             yield
         finally:
             self.release(lock, created, mine=True)
+
+    def check_unlocked(self) -> None:
+        """Refuse early when RUN holds a lock (the same error :meth:`lock` gives)."""
+        if os.environ.get("RANK", "0") == "0" and os.path.lexists(self.path / LOCK):
+            raise lock_error(self.path / LOCK)
+
+    def remove_stages(self) -> None:
+        """Delete unfinished checkpoint and final/ stages left by a killed trainer (call holding the lock)."""
+        for pattern in STAGES:
+            for stage in self.path.glob(pattern):
+                if stage.is_dir() and not stage.is_symlink():
+                    shutil.rmtree(stage, ignore_errors=True)
 
     def release(self, lock: Path, created: list[Path], mine: bool) -> None:
         if mine:
@@ -161,6 +185,7 @@ class RunFolder:
         if target.exists():
             self.forget(target)
         os.replace(stage, target)
+        crash_point("checkpoint-publish", step)
         self.record(target)
         for old in self.checkpoints()[:-keep] if keep else []:
             self.forget(old)

@@ -20,7 +20,7 @@ from upcycle.data import DataSource, PackedStream, build_data, build_retain, par
 from upcycle.errors import DamagedCheckpoint, UpcycleError
 from upcycle.folder import SUMMARY, load_model, save_model
 from upcycle.recipe import DataSpec, TrainConfig, save_config
-from upcycle.run_folder import RunFolder, fold, read_state, training_summary
+from upcycle.run_folder import RunFolder, crash_point, fold, read_state, training_summary
 from upcycle.retain import RetainPenalty, blocks_needed, build_penalty, retain_blocks_path, synthesize
 from upcycle.trainable import (RouterLogits, WarmupStableDecay, adopt_hyperparameters, base_name,
                                build_optimizer, is_expert, select_trainable, trainable_parameters)
@@ -102,6 +102,7 @@ class Session:
             plain = {base_name(n): full[n] for n in self.plain_names}
             if plain:
                 save_tensors(plain, stage / "trainable.safetensors")
+            crash_point("checkpoint-write", self.step)
             if self.lora:
                 acc.unwrap_model(self.model).save_pretrained(stage / "adapter", state_dict=full)
             if not self.sharded:
@@ -153,7 +154,9 @@ class Session:
             if (run / "final").exists():
                 self.run.forget(run / "final")  # only the files the run wrote there; a user's stay
             summary = self.summary(final, train_loss, eval_loss, recipe)
+            crash_point("final-write")
             save_model(final, run / "final", source=self.folder, summary=summary, force=True)
+            crash_point("final-written")
             self.run.files.include(run / "final")
             experts = {k: v for k, v in final.state_dict().items() if is_expert(k)}
             if experts:

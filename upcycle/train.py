@@ -238,6 +238,8 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
     folder = check_model(config)
     checkpoint = None
     run_hint = Path(config.output_dir) if config.output_dir else None
+    if run_hint is not None:
+        RunFolder(run_hint).check_unlocked()  # a busy or stale lock is reported before anything else
     if resume:
         checkpoint = resume_checkpoint(run_hint or default_run(config.model, config.train), resume)
         run = run_hint or checkpoint.parent
