@@ -32,6 +32,7 @@ from upcycle.errors import UpcycleError
 from upcycle.manifest import NAME as MANIFEST
 from upcycle.manifest import Manifest, current_umask
 from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM
+from upcycle.safetensors_stream import human_bytes
 
 MODELING_FILE = Path(__file__).with_name("modeling_upcycle_doge.py")
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_upcycle_doge.UpcycleDogeForCausalLM"}
@@ -218,12 +219,12 @@ def check_room(out: Path, disk_bytes: int, memory_bytes: int, what: str) -> None
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if disk_bytes > free:
-        raise UpcycleError(f"{what} writes {disk_bytes / 1e9:,.1f} GB but {existing} has {free / 1e9:,.1f} GB free: "
+        raise UpcycleError(f"{what} writes {human_bytes(disk_bytes)} but {existing} has {human_bytes(free)} free: "
                            "choose a smaller setting or an output folder on a larger disk")
     memory = available_memory()
     if memory is not None and memory_bytes > memory:
-        raise UpcycleError(f"{what} needs about {memory_bytes / 1e9:,.1f} GB of memory for its largest tensor but "
-                           f"{memory / 1e9:,.1f} GB is available: choose a smaller setting")
+        raise UpcycleError(f"{what} needs about {human_bytes(memory_bytes)} of memory for its largest tensor but "
+                           f"{human_bytes(memory)} is available: choose a smaller setting")
 
 
 def check_output(out: Path, force: bool) -> None:
