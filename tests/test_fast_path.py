@@ -110,7 +110,7 @@ def test_no_gathered_rows_are_kept_for_backward():
         assert (max(saved) >= gathered) == wanted, saved
 
 
-def test_fused_dots_and_scattered_rows_helpers():
+def test_chunked_dots_and_scattered_rows_helpers():
     gen = torch.Generator().manual_seed(7)
     table, states = torch.randn(50, 16, generator=gen), torch.randn(3000, 16, generator=gen)
     indices, weights = torch.randint(0, 50, (3000, 4), generator=gen), torch.randn(3000, 4, generator=gen)
@@ -163,3 +163,25 @@ def test_router_stays_fp32_under_bf16_autocast():
     assert (got_sets == want_sets).all(-1).float().mean() >= 0.99
     for name, want in want_grads.items():
         assert torch.nn.functional.cosine_similarity(got_grads[name], want, dim=0) >= 0.99, name
+
+
+def misaligned(tensor: torch.Tensor, offset: int = 1) -> torch.Tensor:
+    """A copy of ``tensor`` starting ``offset`` elements into a fresh buffer (as a loader's mmap may place it)."""
+    buffer = torch.empty(tensor.numel() + offset, dtype=tensor.dtype)
+    out = buffer[offset:].view(tensor.shape)
+    out.copy_(tensor)
+    return out
+
+
+def test_bits_do_not_depend_on_memory_alignment():
+    """The same weights and states at other addresses give bitwise the same term and gradients."""
+    layer = module(64, 256, 8, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    x, grad = torch.randn(40, 64, generator=gen), torch.randn(40, 64, generator=gen)
+    want, want_grads = expert_pass(layer, x.requires_grad_(), grad, reference=False)
+    with torch.no_grad():
+        for name in ("router_gate", "down_embed", "up_embed"):
+            getattr(layer, name).weight = torch.nn.Parameter(misaligned(getattr(layer, name).weight))
+    got, got_grads = expert_pass(layer, misaligned(x.detach()).requires_grad_(), misaligned(grad), reference=False)
+    assert torch.equal(got, want)
+    assert all(torch.equal(got_grads[name], value) for name, value in want_grads.items())

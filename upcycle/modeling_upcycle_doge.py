@@ -19,9 +19,9 @@ with ``(rank_i + 1) * (rank_j + 1) <= k`` (:func:`candidate_pairs`), so we take 
 ``k`` per half and then the top ``k`` of about ``k ln k`` candidate sums.
 
 The expert term runs through two small autograd functions (:class:`RowDot`, :class:`RowMix`) that
-never build or keep the gathered ``(tokens, k, hidden)`` rows: scores are one fused gather-and-dot
-(:func:`row_dots`), the mix is ``embedding_bag``, and the table gradients are one sparse-dense
-product each (:func:`scatter_rows`).
+never build or keep the gathered ``(tokens, k, hidden)`` rows: scores are gathered and reduced in
+cache-sized token chunks (:func:`row_dots`), the mix is ``embedding_bag``, and the table gradients are
+one sparse-dense product each (:func:`scatter_rows`).
 :func:`reference_routed_experts` is the straightforward version the tests compare against. The
 router (logits and top-k) runs in fp32 even under autocast.
 """
@@ -109,27 +109,31 @@ def route(
     return scores, first * num_keys + second
 
 
-CHUNK_ELEMENTS = 1 << 18  # (N * k, hidden) elements per index_add_ step of scatter_rows off CPU
+CHUNK_ELEMENTS = 1 << 18  # gathered (tokens, k, hidden) elements per step of row_dots (and of scatter_rows off CPU)
 
 
-def bags(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(N, k)`` indices as ``embedding_bag``'s flat form: indices, bag offsets and each index's bag."""
+def bags(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, k)`` indices as flat indices and each one's token (``embedding_bag``'s ``offset2bag``)."""
     n, k = indices.shape
-    tokens = torch.arange(n, device=indices.device)
-    return indices.reshape(-1), tokens * k, tokens.repeat_interleave(k)
+    return indices.reshape(-1), torch.arange(n, device=indices.device).repeat_interleave(k)
 
 
 def row_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """``out[n, j] = table[indices[n, j]] . states[n]`` for ``(N, k)`` indices and ``(N, hidden)`` states.
 
-    One fused gather-and-dot, with no ``(N, k, hidden)`` tensor: the kernel of ``embedding_bag``'s
-    per-sample-weight gradient (the gradient of ``<states, sum_j w[n, j] table[indices[n, j]]>`` in ``w``).
+    Gathers at most ``CHUNK_ELEMENTS`` at a time (cache-sized, so no ``(N, k, hidden)`` tensor exists).
+    Each dot is a sum over a freshly gathered row, so the bits do not depend on chunking or on the
+    memory alignment of ``table`` and ``states`` (BLAS dot kernels would).
     """
-    flat, offsets, offset2bag = bags(indices)
-    states = states.to(table.dtype).contiguous()
-    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        states, table, flat, offsets, offset2bag, 0, -1)  # mode 0: sum; no padding index
-    return dots.view(indices.shape)
+    n, k = indices.shape
+    states = states.to(table.dtype)
+    out = torch.empty(n, k, dtype=table.dtype, device=table.device)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, k * table.shape[1]))
+    for start in range(0, n, chunk):
+        stop = start + chunk
+        rows = F.embedding(indices[start:stop], table).mul_(states[start:stop].unsqueeze(1))
+        torch.sum(rows, dim=-1, out=out[start:stop])
+    return out
 
 
 def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Tensor, num_rows: int,
@@ -142,7 +146,7 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Ten
     n, k = indices.shape
     weights, states = weights.float(), states.float()
     if sparse if sparse is not None else indices.device.type == "cpu":
-        flat, _, offset2bag = bags(indices)
+        flat, offset2bag = bags(indices)
         matrix = torch.sparse_coo_tensor(torch.stack([flat, offset2bag]), weights.reshape(-1), (num_rows, n),
                                          check_invariants=False)
         return torch.sparse.mm(matrix, states)
