@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from upcycle.modeling_upcycle_doge import (CausalCDMoE, RowDot, RowMix, reference_routed_experts, row_dots,
-                                           scatter_rows)
+from upcycle.modeling_upcycle_doge import (CausalCDMoE, RowDot, RowMix, chunked_dots, reference_routed_experts,
+                                           row_dots, sampled_dots, scatter_rows)
 
 SHAPES = [  # hidden, experts, per token, tokens
     (16, 16, 1, 1), (16, 16, 4, 7), (16, 256, 8, 1), (64, 64, 2, 33), (64, 64, 4, 1), (64, 256, 8, 300),
@@ -115,7 +115,8 @@ def test_chunked_dots_and_scattered_rows_helpers():
     table, states = torch.randn(50, 16, generator=gen), torch.randn(3000, 16, generator=gen)
     indices, weights = torch.randint(0, 50, (3000, 4), generator=gen), torch.randn(3000, 4, generator=gen)
     gathered = table[indices]  # (N, k, hidden)
-    assert torch.allclose(row_dots(table, indices, states), (gathered * states[:, None]).sum(-1), atol=1e-5)
+    for dots in (row_dots, sampled_dots, chunked_dots):
+        assert torch.allclose(dots(table, indices, states), (gathered * states[:, None]).sum(-1), atol=1e-5)
     want = torch.zeros(50, 16).index_add_(0, indices.flatten(), (weights[..., None] * states[:, None]).flatten(0, 1))
     for sparse in (True, False):
         assert torch.allclose(scatter_rows(indices, weights, states, 50, sparse=sparse), want, atol=1e-4)
@@ -173,11 +174,12 @@ def misaligned(tensor: torch.Tensor, offset: int = 1) -> torch.Tensor:
     return out
 
 
-def test_bits_do_not_depend_on_memory_alignment():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bits_do_not_depend_on_memory_alignment(dtype):
     """The same weights and states at other addresses give bitwise the same term and gradients."""
-    layer = module(64, 256, 8, seed=13)
+    layer = module(64, 256, 8, seed=13, dtype=dtype)
     gen = torch.Generator().manual_seed(14)
-    x, grad = torch.randn(40, 64, generator=gen), torch.randn(40, 64, generator=gen)
+    x, grad = torch.randn(40, 64, generator=gen).to(dtype), torch.randn(40, 64, generator=gen)
     want, want_grads = expert_pass(layer, x.requires_grad_(), grad, reference=False)
     with torch.no_grad():
         for name in ("router_gate", "down_embed", "up_embed"):

@@ -19,9 +19,9 @@ with ``(rank_i + 1) * (rank_j + 1) <= k`` (:func:`candidate_pairs`), so we take 
 ``k`` per half and then the top ``k`` of about ``k ln k`` candidate sums.
 
 The expert term runs through two small autograd functions (:class:`RowDot`, :class:`RowMix`) that
-never build or keep the gathered ``(tokens, k, hidden)`` rows: scores are gathered and reduced in
-cache-sized token chunks (:func:`row_dots`), the mix is ``embedding_bag``, and the table gradients are
-one sparse-dense product each (:func:`scatter_rows`).
+never build or keep the gathered ``(tokens, k, hidden)`` rows: scores are one sampled dense-dense
+product, or gathered and reduced in cache-sized token chunks (:func:`row_dots`), the mix is
+``embedding_bag``, and the table gradients are one sparse-dense product each (:func:`scatter_rows`).
 :func:`reference_routed_experts` is the straightforward version the tests compare against. The
 router (logits and top-k) runs in fp32 even under autocast.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -121,12 +122,18 @@ def bags(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def row_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """``out[n, j] = table[indices[n, j]] . states[n]`` for ``(N, k)`` indices and ``(N, hidden)`` states.
 
-    Gathers at most ``CHUNK_ELEMENTS`` at a time (cache-sized, so no ``(N, k, hidden)`` tensor exists).
-    Each dot is a sum over a freshly gathered row, so the bits do not depend on chunking or on the
-    memory alignment of ``table`` and ``states`` (BLAS dot kernels would).
+    fp32/fp64 on CPU :func:`sampled_dots`, otherwise :func:`chunked_dots`; no ``(N, k, hidden)`` tensor
+    either way, and neither depends on the memory alignment of ``table`` or ``states`` (BLAS dot kernels would).
     """
-    n, k = indices.shape
     states = states.to(table.dtype)
+    if table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64):
+        return sampled_dots(table, indices, states)
+    return chunked_dots(table, indices, states)
+
+
+def chunked_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """:func:`row_dots` gathering at most ``CHUNK_ELEMENTS`` (cache-sized) at a time, then reducing."""
+    n, k = indices.shape
     out = torch.empty(n, k, dtype=table.dtype, device=table.device)
     chunk = max(1, CHUNK_ELEMENTS // max(1, k * table.shape[1]))
     for start in range(0, n, chunk):
@@ -134,6 +141,18 @@ def row_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -
         rows = F.embedding(indices[start:stop], table).mul_(states[start:stop].unsqueeze(1))
         torch.sum(rows, dim=-1, out=out[start:stop])
     return out
+
+
+def sampled_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """:func:`row_dots` as ``states @ table.T`` sampled at the ``(token, expert)`` pairs (``sampled_addmm``)."""
+    n, k = indices.shape
+    experts, order = indices.sort(dim=-1)  # CSR wants each token's columns in order
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's one-time notice that sparse CSR is in beta
+        pattern = torch.sparse_csr_tensor(torch.arange(0, n * k + 1, k, device=indices.device), experts.reshape(-1),
+                                          states.new_zeros(n * k), (n, table.shape[0]), check_invariants=False)
+    dots = torch.sparse.sampled_addmm(pattern, states, table.t(), beta=0.0).values().view(n, k)
+    return torch.empty_like(dots).scatter_(1, order, dots)
 
 
 def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Tensor, num_rows: int,
