@@ -46,6 +46,7 @@ VARIANT_SPECS: dict[str, tuple[list[int] | str | None, dict]] = {
     "experts-top-r256": (list(range(4, 8)), {"retain_tokens": 256}),
     "experts-top-nopenalty": (list(range(4, 8)), {"retain_coef": 0.0}),
     "experts-top3": (list(range(5, 8)), {}),
+    "experts-top-rowwise": (list(range(4, 8)), {"expert_optimizer": "rowwise"}),
 }
 VARIANTS = ("full", "experts", "experts-top")
 SHAPE = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
