@@ -98,7 +98,7 @@ def test_sigkill_at_any_instant_then_resume_matches_an_uninterrupted_run(moe_fol
     assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6
     last = load_file(run / f"checkpoint-{STEPS}" / "trainable.safetensors")
     assert all(torch.allclose(last[k], got[k], atol=1e-6) for k in got)
-    assert not list(run.glob(".*.tmp*")) and not (run / LOCK).exists()
+    assert not list(run.glob("**/.*.tmp*")) and not (run / LOCK).exists()  # no stage or temporary file left
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
     assert steps == list(range(1, STEPS + 1))  # every step logged once, none torn or repeated

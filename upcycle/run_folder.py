@@ -39,7 +39,8 @@ OUR_NAMES = ("config.yaml", "metrics.jsonl", "experts.safetensors", SUMMARY, "ad
              "logs", "retain.safetensors")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 LOCK = ".upcycle-lock"  # held by the trainer writing RUN: {"pid", "host", "started"}
-STAGES = (".checkpoint-*.tmp", ".final.tmp-*")  # unfinished writes of a killed trainer, removed under the lock
+# unfinished writes of a killed trainer (stages, manifest and metrics temporaries), removed under the lock
+STAGES = (".checkpoint-*.tmp", ".final.tmp-*", f"{MANIFEST}.*.tmp", f"final/{MANIFEST}.*.tmp", "metrics.jsonl.tmp")
 CRASH_AT = "UPCYCLE_CRASH_AT"  # tests only: "POINT" or "POINT:STEP" kills the trainer there (crash_point)
 
 
@@ -157,7 +158,9 @@ class RunFolder:
         """Delete unfinished checkpoint and final/ stages left by a killed trainer (call holding the lock)."""
         for pattern in STAGES:
             for stage in self.path.glob(pattern):
-                if stage.is_dir() and not stage.is_symlink():
+                if stage.is_symlink() or stage.is_file():
+                    stage.unlink(missing_ok=True)
+                elif stage.is_dir():
                     shutil.rmtree(stage, ignore_errors=True)
 
     def release(self, lock: Path, created: list[Path], mine: bool) -> None:
