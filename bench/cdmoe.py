@@ -82,7 +82,9 @@ def step_of(module: torch.nn.Module, hidden: int, tokens: int, device: str, inpu
     grad = torch.randn(1, tokens, hidden, generator=gen).to(device)
 
     def step() -> None:
-        module(x)[0].backward(grad)
+        out = module(x)[0]
+        if out.requires_grad:  # the shared MLP alone with --no-input-grad has nothing to differentiate
+            out.backward(grad)
         x.grad = None
         module.zero_grad(set_to_none=True)
 
