@@ -40,14 +40,14 @@ EXPERT_LRS = [3e-3, 1e-2, 3e-2, 1e-1]
 FULL_LRS = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 LORA_LRS = [3e-4, 1e-3, 3e-3, 1e-2]
 METHODS = {
-    "experts": {"label": "experts-only, default recipe (penalty on self-synthesized retain text)",
+    "experts": {"label": "experts-only, every layer (--layers all), penalty on self-synthesized retain text",
                 "train": "experts", "lrs": EXPERT_LRS},
     "full": {"label": "full fine-tuning", "train": "all", "lrs": FULL_LRS},
-    "experts-top": {"label": "experts-only, default recipe, experts in the top half of the layers",
+    "experts-top": {"label": "experts-only, default recipe (top half of the layers, penalty on self-sampled text)",
                     "train": "experts", "layers": "top-half", "lrs": EXPERT_LRS},
-    "experts-retain": {"label": "experts-only, default recipe + --retain-data (A sample)",
+    "experts-retain": {"label": "experts-only, every layer + --retain-data (A sample)",
                        "train": "experts", "retain": True, "lrs": EXPERT_LRS},
-    "experts-top-retain": {"label": "experts-only, top half of the layers + --retain-data (A sample)",
+    "experts-top-retain": {"label": "experts-only, default recipe + --retain-data (A sample)",
                            "train": "experts", "layers": "top-half", "retain": True, "lrs": EXPERT_LRS},
     "full-replay": {"label": "full fine-tuning + 10% replay of the same A sample", "train": "all", "replay": 0.1,
                     "lrs": FULL_LRS},
@@ -318,28 +318,35 @@ def table(results: dict, start: dict) -> str:
 
 
 def plot(results: dict, start: dict, out: Path, title: str) -> None:
+    """Two panels: every arm, and a zoom on low forgetting (A within 0.35 nats of the start)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 6))
-    ax.scatter([start["A_test"]], [start["B_test"]], color="black", marker="*", s=120, label="dense start", zorder=3)
-    for method, points in results.items():
-        pts = curve(points)
-        errs = [(spread([r["A_test"] for r in points[lr]]), spread([r["B_test"] for r in points[lr]]))
-                for lr, _, _ in pts]
-        style = "-" if method.startswith("experts") else "--"
-        line = ax.errorbar([a for _, a, _ in pts], [b for _, _, b in pts], xerr=[e[0] for e in errs],
-                           yerr=[e[1] for e in errs], fmt="o" + style, capsize=2, label=METHODS[method]["label"])
-        for lr, a, b in pts:
-            ax.annotate(f"{lr:g}", (a, b), fontsize=6, xytext=(3, 3), textcoords="offset points",
-                        color=line[0].get_color())
-    ax.set(xlabel="held-out loss on A, the old domain (forgetting: lower is better)",
-           ylabel="held-out loss on B, the new domain (gain: lower is better)", title=title)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    for ax in axes:
+        ax.scatter([start["A_test"]], [start["B_test"]], color="black", marker="*", s=120, label="dense start",
+                   zorder=3)
+        for index, (method, points) in enumerate(results.items()):
+            pts = curve(points)
+            errs = [(spread([r["A_test"] for r in points[lr]]), spread([r["B_test"] for r in points[lr]]))
+                    for lr, _, _ in pts]
+            style = "-" if method.startswith("experts") else "--"
+            line = ax.errorbar([a for _, a, _ in pts], [b for _, _, b in pts], xerr=[e[0] for e in errs],
+                               yerr=[e[1] for e in errs], fmt="o" + style, capsize=2, color=f"C{index}",
+                               label=METHODS[method]["label"])
+            for lr, a, b in pts:
+                ax.annotate(f"{lr:g}", (a, b), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                            color=line[0].get_color())
+        ax.set(xlabel="held-out loss on A, the old domain (forgetting: lower is better)",
+               ylabel="held-out loss on B, the new domain (gain: lower is better)")
+    axes[0].set_title(title)
+    axes[1].set_xlim(start["A_test"] - 0.02, start["A_test"] + 0.35)
+    axes[1].set_title("zoom: forgetting up to +0.35 nats")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
 
 
 def write_results(text: str, size: str) -> None:
