@@ -57,6 +57,10 @@ METHODS = {
                       "retain_coef": 1e-2, "lrs": EXPERT_LRS},
     "experts-plain": {"label": "experts-only, no penalty (previous recipe)", "train": "experts",
                       "retain_coef": 0.0, "lrs": EXPERT_LRS},
+    "experts-top-r256": {"label": "experts-only, top half, penalty on 256 retain tokens per layer per step",
+                         "train": "experts", "layers": "top-half", "retain_tokens": 256, "lrs": EXPERT_LRS},
+    "experts-top-rowwise": {"label": "experts-only, top half, --expert-optimizer rowwise", "train": "experts",
+                            "layers": "top-half", "expert_optimizer": "rowwise", "lrs": EXPERT_LRS},
     "lora-top": {"label": "LoRA, rank matching the top-half experts' trainable count", "train": "lora",
                  "lora_r": "matched-top", "lrs": LORA_LRS},
     "lora-r8": {"label": "LoRA r 8", "train": "lora", "lora_r": 8, "lrs": LORA_LRS},
@@ -199,8 +203,9 @@ def run_arm(work: Path, method: str, lr: float, seed: int, args) -> dict:
         extra = {"lora_r": rank, "lora_alpha": 2.0 * rank}
     if spec.get("retain"):
         extra["retain_data"] = [str(work / "a-train.jsonl")]
-    if "retain_coef" in spec:
-        extra["retain_coef"] = spec["retain_coef"]
+    for key in ("retain_coef", "retain_tokens", "expert_optimizer"):
+        if key in spec:
+            extra[key] = spec[key]
     model = (moe_start(work, setup["dense"], seed, spec.get("layers", "all")) if spec["train"] == "experts"
              else setup["dense"])
     config = resolve_config(None, model=str(model), data=data, eval_data=[str(work / "b-train.jsonl")],

@@ -110,3 +110,31 @@ def test_only_the_main_process_locks(tmp_path, monkeypatch):
                 pass
         assert (tmp_path / "run" / LOCK).is_file()
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_saves_unlocks_and_resumes(moe_folder, code_text_dir, tmp_path):
+    """A scheduler's SIGTERM stops the trainer like Ctrl-C: a checkpoint is saved, the lock released."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from test_sigkill import argv, rows, trainer
+
+    run = tmp_path / "run"
+    child = multiprocessing.get_context("fork").Process(target=trainer, args=(argv(moe_folder, code_text_dir, run,
+                                                                                    False), None))
+    child.start()
+    deadline = time.monotonic() + 60
+    while child.is_alive() and rows(run) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert child.is_alive(), "the trainer finished before it could be stopped"
+    os.kill(child.pid, signal.SIGTERM)
+    child.join(60)
+    assert not child.is_alive() and not (run / LOCK).exists()
+    saved = sorted(run.glob("checkpoint-*"))
+    assert saved, "no checkpoint saved on SIGTERM"
+    from upcycle.cli import main
+
+    main(argv(moe_folder, code_text_dir, run, True))  # resumes to the end
+    assert (run / "final").is_dir() and not (run / LOCK).exists()

@@ -242,14 +242,19 @@ def routing_weights_of(module: "CausalCDMoE", flat_states: torch.Tensor
 
 def reference_routed_experts(module: "CausalCDMoE", flat_states: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The expert term written out plainly (gather, batched dot, weighted sum): what the fast path must equal."""
+    """The expert term written out plainly (gather, batched dot, weighted sum): what the fast path must equal.
+
+    Written with einx, which upcycle installs; the fast path (all a remote-code user runs) does not need it.
+    """
+    import einx
+
     with torch.autocast(flat_states.device.type, enabled=False):
         router_logits, indices, routing_weights = routing_weights_of(module, flat_states)
         down = F.embedding(indices, module.down_embed.weight)  # (N, k, hidden)
-        expert_scores = torch.bmm(down, flat_states.unsqueeze(-1).to(down.dtype)).squeeze(-1)
+        expert_scores = einx.dot("n k h, n h -> n k", down, flat_states.to(down.dtype))
         weights = (module.act_fn(expert_scores) * routing_weights).to(module.up_embed.weight.dtype)
         up = F.embedding(indices, module.up_embed.weight)
-        expert_states = torch.bmm(weights.unsqueeze(1), up).squeeze(1)
+        expert_states = einx.dot("n k, n k h -> n h", weights, up)
     return expert_states, router_logits
 
 

@@ -153,20 +153,41 @@ def train_step(session: Session, blocks: torch.Tensor) -> tuple[float, float]:
     return lm_value, norm_value
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C (SIGINT) until the block ends, so weights, step count and data position move together."""
+    """Hold Ctrl-C and SIGTERM until the block ends, so weights, step count and data position move together."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    previous = {sig: signal.signal(sig, lambda *a: caught.append(a)) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
         raise KeyboardInterrupt
+
+
+def interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (a scheduler's stop, ``kill``) stops the trainer like Ctrl-C: it saves, unlocks and exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def apply_update(session: Session) -> None:
@@ -245,7 +266,7 @@ def continue_train(config: TrainConfig, *, resume: str | None = None, force: boo
         run = run_hint or checkpoint.parent
     else:
         run = run_hint or default_run(config.model, config.train)
-    with RunFolder(run).lock():  # one trainer per RUN; released on any exit
+    with terminate_as_interrupt(), RunFolder(run).lock():  # one trainer per RUN; released on any exit
         try:
             return locked_run(config, folder, run, checkpoint, force, progress)
         except DamagedCheckpoint as error:
