@@ -39,30 +39,39 @@ EXPERTS, PER_TOKEN = 1024, 8
 EXPERT_LRS = [3e-3, 1e-2, 3e-2, 1e-1]
 FULL_LRS = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 LORA_LRS = [3e-4, 1e-3, 3e-3, 1e-2]
+OLD = {"expert_optimizer": "adamw", "retain_tokens": 1024}  # the previous default recipe's settings
 METHODS = {
-    "experts": {"label": "experts-only, every layer (--layers all), penalty on self-synthesized retain text",
-                "train": "experts", "lrs": EXPERT_LRS},
+    "experts-top-rowwise-r256": {"label": "experts-only, default recipe (top half of the layers, rowwise optimizer, "
+                                          "penalty on 256 self-sampled retain tokens)", "train": "experts",
+                                 "layers": "top-half", "expert_optimizer": "rowwise", "retain_tokens": 256,
+                                 "lrs": EXPERT_LRS},
+    "default-retain": {"label": "experts-only, default recipe + --retain-data (A sample)", "train": "experts",
+                       "layers": "top-half", "retain": True, "expert_optimizer": "rowwise", "retain_tokens": 256,
+                       "lrs": EXPERT_LRS},
     "full": {"label": "full fine-tuning", "train": "all", "lrs": FULL_LRS},
-    "experts-top": {"label": "experts-only, default recipe (top half of the layers, penalty on self-sampled text)",
-                    "train": "experts", "layers": "top-half", "lrs": EXPERT_LRS},
-    "experts-retain": {"label": "experts-only, every layer + --retain-data (A sample)",
-                       "train": "experts", "retain": True, "lrs": EXPERT_LRS},
-    "experts-top-retain": {"label": "experts-only, default recipe + --retain-data (A sample)",
-                           "train": "experts", "layers": "top-half", "retain": True, "lrs": EXPERT_LRS},
     "full-replay": {"label": "full fine-tuning + 10% replay of the same A sample", "train": "all", "replay": 0.1,
                     "lrs": FULL_LRS},
-    "lora-matched": {"label": "LoRA, rank matching the experts' trainable count", "train": "lora",
-                     "lora_r": "matched", "lrs": LORA_LRS},
-    "experts-c1e-2": {"label": "experts-only, penalty coefficient 1e-2", "train": "experts",
-                      "retain_coef": 1e-2, "lrs": EXPERT_LRS},
-    "experts-plain": {"label": "experts-only, no penalty (previous recipe)", "train": "experts",
-                      "retain_coef": 0.0, "lrs": EXPERT_LRS},
-    "experts-top-r256": {"label": "experts-only, top half, penalty on 256 retain tokens per layer per step",
-                         "train": "experts", "layers": "top-half", "retain_tokens": 256, "lrs": EXPERT_LRS},
-    "experts-top-rowwise": {"label": "experts-only, top half, --expert-optimizer rowwise", "train": "experts",
-                            "layers": "top-half", "expert_optimizer": "rowwise", "lrs": EXPERT_LRS},
     "lora-top": {"label": "LoRA, rank matching the top-half experts' trainable count", "train": "lora",
                  "lora_r": "matched-top", "lrs": LORA_LRS},
+    "experts-top": {"label": "experts-only, top half, AdamW on the tables, 1024 retain tokens (previous default)",
+                    "train": "experts", "layers": "top-half", **OLD, "lrs": EXPERT_LRS},
+    "experts-top-retain": {"label": "experts-only, previous default + --retain-data (A sample)",
+                           "train": "experts", "layers": "top-half", "retain": True, **OLD, "lrs": EXPERT_LRS},
+    "experts-top-r256": {"label": "experts-only, top half, AdamW, penalty on 256 retain tokens", "train": "experts",
+                         "layers": "top-half", "expert_optimizer": "adamw", "retain_tokens": 256, "lrs": EXPERT_LRS},
+    "experts-top-rowwise": {"label": "experts-only, top half, rowwise, 1024 retain tokens", "train": "experts",
+                            "layers": "top-half", "expert_optimizer": "rowwise", "retain_tokens": 1024,
+                            "lrs": EXPERT_LRS},
+    "experts": {"label": "experts-only, every layer (--layers all), AdamW, 1024 retain tokens", "train": "experts",
+                **OLD, "lrs": EXPERT_LRS},
+    "experts-retain": {"label": "experts-only, every layer, AdamW + --retain-data (A sample)", "train": "experts",
+                       "retain": True, **OLD, "lrs": EXPERT_LRS},
+    "lora-matched": {"label": "LoRA, rank matching the every-layer experts' trainable count", "train": "lora",
+                     "lora_r": "matched", "lrs": LORA_LRS},
+    "experts-c1e-2": {"label": "experts-only, every layer, penalty coefficient 1e-2", "train": "experts",
+                      "retain_coef": 1e-2, **OLD, "lrs": EXPERT_LRS},
+    "experts-plain": {"label": "experts-only, every layer, no penalty", "train": "experts",
+                      "retain_coef": 0.0, **OLD, "lrs": EXPERT_LRS},
     "lora-r8": {"label": "LoRA r 8", "train": "lora", "lora_r": 8, "lrs": LORA_LRS},
     "lora-r32": {"label": "LoRA r 32", "train": "lora", "lora_r": 32, "lrs": LORA_LRS},
 }
@@ -388,9 +397,10 @@ def report(work: Path, args, seconds: float | None) -> str:
              "Frontier checks (test split; a method is on or beyond a baseline's frontier at an lr when its B loss "
              f"is within {TIE} nats of the baseline's B interpolated at the same A, the dense start counting as the "
              "baseline's zero-lr point):"]
-    for method, baseline in (("experts-top", "full"), ("experts-top-retain", "full-replay"),
-                             ("experts-top", "lora-top"), ("experts", "full"), ("experts-retain", "full-replay"),
-                             ("experts", "lora-matched"), ("experts-plain", "full")):
+    for method, baseline in (("experts-top-rowwise-r256", "full"), ("default-retain", "full-replay"),
+                             ("experts-top-rowwise-r256", "lora-top"), ("experts-top", "full"),
+                             ("experts-top-retain", "full-replay"), ("experts", "full"),
+                             ("experts-retain", "full-replay"), ("experts", "lora-matched")):
         rows = compare(results, start, method, baseline)
         if rows:
             lines += [f"- `{method}` against `{baseline}`:", *rows]

@@ -5,7 +5,7 @@ batch 4 x 256 tokens, AdamW; random weights (the cost does not depend on them). 
 
 - ``full``: the dense model, every tensor trains (`--train all`);
 - ``experts``: 1024 experts / 8 per token in every layer, experts-only, with the retain penalty
-  (the default recipe: 1024 retain tokens per layer per step);
+  (the default recipe: rowwise expert optimizer, 256 retain tokens per layer per step);
 - ``experts-top``: the same with experts in the top half of the layers (`expand --layers top-half`).
 
 Each step is built from the trainer's own pieces (`select_trainable`, `build_optimizer`,
@@ -38,7 +38,7 @@ from upcycle.retain import build_penalty  # noqa: E402
 from upcycle.train import batch_loss  # noqa: E402
 from upcycle.trainable import build_optimizer, select_trainable  # noqa: E402
 
-# variant -> (layers with experts or None for the dense model, TrainConfig overrides)
+# variant -> (layers with experts or None for the dense model, TrainConfig overrides); descriptions in ABOUT
 VARIANT_SPECS: dict[str, tuple[list[int] | str | None, dict]] = {
     "full": (None, {"train": "all"}),
     "experts": ("all", {}),
@@ -46,7 +46,21 @@ VARIANT_SPECS: dict[str, tuple[list[int] | str | None, dict]] = {
     "experts-top-r256": (list(range(4, 8)), {"retain_tokens": 256}),
     "experts-top-nopenalty": (list(range(4, 8)), {"retain_coef": 0.0}),
     "experts-top3": (list(range(5, 8)), {}),
+    "experts-top-adamw": (list(range(4, 8)), {"expert_optimizer": "adamw", "retain_tokens": 1024}),
     "experts-top-rowwise": (list(range(4, 8)), {"expert_optimizer": "rowwise"}),
+    "experts-top-rowwise-r256": (list(range(4, 8)), {"expert_optimizer": "rowwise", "retain_tokens": 256}),
+}
+ABOUT = {
+    "full": "the dense model, every tensor trains",
+    "experts": "the default recipe with experts in every layer (`expand --layers all`)",
+    "experts-top": "the default recipe: experts in layers 4-7 (`expand`'s default top half), rowwise expert "
+                   "optimizer, retain penalty on 256 tokens per layer",
+    "experts-top-r256": "the default recipe, penalty on 256 retain tokens per layer",
+    "experts-top-nopenalty": "the default recipe without the penalty (`--retain-coef 0`)",
+    "experts-top-rowwise": "the default recipe (rowwise expert optimizer)",
+    "experts-top3": "experts in layers 5-7 only (`--layers top:3`)",
+    "experts-top-rowwise-r256": "rowwise and 256 retain tokens",
+    "experts-top-adamw": "the previous default: top half, AdamW on the tables, penalty on 1024 tokens",
 }
 VARIANTS = ("full", "experts", "experts-top")
 SHAPE = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
@@ -126,11 +140,12 @@ def main() -> None:
         rows.append(f"| {v} | {times[v] * 1e3:.0f} | **{times[v] / times['full']:.2f}x** | "
                     f"{args.batch * args.seq / times[v]:,.0f} | {mem[v]:.0f} |")
     cmd = "python bench/recipe_cost.py" + (f" --device {args.device}" if args.device != "cpu" else "")
+    cmd += f" --variants {','.join(variants[1:])}" if variants[1:] != list(VARIANTS[1:]) else ""
+    about = "; ".join(f"`{v}`: {ABOUT[v]}" for v in variants)
     section = (f"## recipe cost: default experts-only step vs full fine-tuning, Doge-20M shape ({args.device})\n\n"
                f"{datetime.date.today()}, {where}. Command: `{cmd}`. Batch {args.batch} x {args.seq} tokens; "
-               f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up. `experts`: 1024 experts, "
-               "8 per token, every layer, retain penalty on (1024 tokens per layer); `experts-top`: the same in "
-               "layers 4-7 only (`expand --layers top-half`).\n\n" + "\n".join(rows))
+               f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up; AdamW unless said; "
+               f"1024 experts, 8 per token. {about}.\n\n" + "\n".join(rows))
     print(section)
     if not args.no_write:
         write_section(f"bench/recipe_cost.py {'cuda' if args.device.startswith('cuda') else 'cpu'}", section)

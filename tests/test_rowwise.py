@@ -115,7 +115,9 @@ def test_build_optimizer_puts_the_tables_in_rowwise_groups():
         assert isinstance(optimizer, RowwiseAdamW)
         shapes = {(g["rowwise"], g["momentum"], tuple(p.shape)) for g in optimizer.param_groups for p in g["params"]}
         assert shapes == {(True, momentum, (64, 64)), (False, momentum, (16, 64))}
-    assert isinstance(build_optimizer(model, resolve_config(None, model="m", data=["d"])), torch.optim.AdamW)
+    assert isinstance(build_optimizer(model, resolve_config(None, model="m", data=["d"])), RowwiseAdamW)  # default
+    plain = build_optimizer(model, resolve_config(None, model="m", data=["d"], expert_optimizer="adamw"))
+    assert isinstance(plain, torch.optim.AdamW) and not isinstance(plain, RowwiseAdamW)
 
 
 def test_unknown_expert_optimizer_names_the_flag():

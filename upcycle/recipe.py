@@ -64,12 +64,12 @@ class TrainConfig:
     balance_coef: float = field(default=0.0, metadata={"help": "Router load-balancing loss coefficient (0 disables)."})
     retain_coef: float = field(default=1e-3, metadata={
         "help": "Expert-off penalty on retain tokens in the experts modes (0 disables)."})
-    retain_tokens: int = field(default=1024, metadata={"help": "Retain tokens per layer per step for the penalty."})
+    retain_tokens: int = field(default=256, metadata={"help": "Retain tokens per layer per step for the penalty."})
     retain_samples: int = field(default=64, metadata={
         "help": "Blocks sampled from the base model when no --retain-data is given (0: none)."})
     expert_lr_scale: float = field(default=1.0, metadata={
         "help": "Learning rate of down_embed/up_embed relative to --lr (the router keeps --lr)."})
-    expert_optimizer: str = field(default="adamw", metadata={
+    expert_optimizer: str = field(default="rowwise", metadata={
         "help": "Optimizer of down_embed/up_embed: adamw (dense moments, 2x the table bytes), rowwise (one second "
                 "moment per row, about 1/hidden x; rows no token picked stay untouched) or rowwise-bf16 (rowwise "
                 "plus a bf16 first moment, 0.5x + 1/hidden). The router and other tensors keep AdamW."})

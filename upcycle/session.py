@@ -268,6 +268,9 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
         retain = build_penalty(model, retain_blocks, config.retain_coef, config.retain_tokens, config.seed)
     if checkpoint is not None:
         load_weights(model, checkpoint)
+    if config.expert_optimizer != "adamw" and acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UpcycleError(f"--expert-optimizer {config.expert_optimizer} keeps one moment per table row and needs "
+                           "whole tables, which FSDP/DeepSpeed shard: use DDP, or pass --expert-optimizer adamw")
     trainable = trainable_parameters(model)
     plain_names = [n for n in trainable if "lora_" not in n]
     optimizer = build_optimizer(model, config)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from upcycle.checkpoint import read_json, set_rng_state
 from upcycle.errors import DamagedCheckpoint, UpcycleError
 from upcycle.folder import read_config, resolve_source
+from upcycle.loss import next_token_loss
 from upcycle.recipe import TrainConfig, validate
 from upcycle.session import Session, open_session
 from upcycle.retain import RetainPenalty
@@ -76,7 +77,7 @@ def batch_loss(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig
     """(loss to minimize, language-model loss) of one micro-batch."""
     if router is not None:
         router.logits.clear()
-    lm_loss = model(input_ids=blocks, labels=blocks, use_cache=False).loss
+    lm_loss = next_token_loss(model(input_ids=blocks, use_cache=False).logits, blocks)
     loss = lm_loss
     if router is not None:
         loss = loss + config.balance_coef * router.balance_loss()
