@@ -119,8 +119,10 @@ def test_sigterm_saves_unlocks_and_resumes(moe_folder, code_text_dir, tmp_path):
     import signal
     import time
 
+    import torch
     from test_sigkill import argv, rows, trainer
 
+    torch.set_num_threads(1)  # a forked child must not inherit a multi-threaded OpenMP pool
     run = tmp_path / "run"
     child = multiprocessing.get_context("fork").Process(target=trainer, args=(argv(moe_folder, code_text_dir, run,
                                                                                     False), None))
