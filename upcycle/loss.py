@@ -37,18 +37,16 @@ class NextTokenLoss(torch.autograd.Function):
         compute = lse.dtype
         scale = valid.to(compute) * (grad.to(compute) / count)  # (N,)
         out = torch.empty_like(logits)
-        rows = torch.arange(logits.shape[0], device=logits.device)
+        in_place = logits.dtype == compute  # else each chunk is computed in fp32 and cast on the way out
         for start in range(0, logits.shape[0], CHUNK_ROWS):
-            end = start + CHUNK_ROWS
-            in_place = logits.dtype == compute
-            rows_here = len(logits[start:end])
-            part = out[start:end] if in_place else torch.empty(rows_here, logits.shape[1], dtype=compute,
-                                                               device=logits.device)
-            torch.sub(logits[start:end].to(compute), lse[start:end, None], out=part)
-            part.exp_().mul_(scale[start:end, None])
-            part[rows[start:end] - start, safe[start:end]] -= scale[start:end]
+            rows = slice(start, start + CHUNK_ROWS)
+            chunk = logits[rows]
+            part = out[rows] if in_place else torch.empty(chunk.shape, dtype=compute, device=logits.device)
+            torch.sub(chunk.to(compute), lse[rows, None], out=part)
+            part.exp_().mul_(scale[rows, None])
+            part[torch.arange(len(chunk), device=logits.device), safe[rows]] -= scale[rows]
             if not in_place:
-                out[start:end] = part
+                out[rows] = part
         return out, None
 
 

@@ -96,7 +96,7 @@ def mean_loss(session: Session, blocks: torch.Tensor) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     for start in range(0, len(mine), session.config.batch_size):
         batch = mine[start:start + session.config.batch_size]
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss = next_token_loss(model(input_ids=batch, use_cache=False).logits, batch)
         count = batch.shape[0] * (batch.shape[1] - 1)
         total += torch.tensor([loss.double().item() * count, count], dtype=torch.float64, device=acc.device)
     total = acc.reduce(total, "sum")
