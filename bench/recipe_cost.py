@@ -38,30 +38,29 @@ from upcycle.retain import build_penalty  # noqa: E402
 from upcycle.train import batch_loss  # noqa: E402
 from upcycle.trainable import build_optimizer, select_trainable  # noqa: E402
 
-# variant -> (layers with experts or None for the dense model, TrainConfig overrides); descriptions in ABOUT
-VARIANT_SPECS: dict[str, tuple[list[int] | str | None, dict]] = {
-    "full": (None, {"train": "all"}),
-    "experts": ("all", {}),
-    "experts-top": (list(range(4, 8)), {}),
-    "experts-top-r256": (list(range(4, 8)), {"retain_tokens": 256}),
-    "experts-top-nopenalty": (list(range(4, 8)), {"retain_coef": 0.0}),
-    "experts-top3": (list(range(5, 8)), {}),
-    "experts-top-adamw": (list(range(4, 8)), {"expert_optimizer": "adamw", "retain_tokens": 1024}),
-    "experts-top-rowwise": (list(range(4, 8)), {"expert_optimizer": "rowwise"}),
-    "experts-top-rowwise-r256": (list(range(4, 8)), {"expert_optimizer": "rowwise", "retain_tokens": 256}),
+# variant -> (layers with experts or None for the dense model, TrainConfig overrides, description)
+VARIANT_SPECS: dict[str, tuple[list[int] | str | None, dict, str]] = {
+    "full": (None, {"train": "all"},
+        "the dense model, every tensor trains"),
+    "experts": ("all", {},
+        "the default recipe with experts in every layer (`expand --layers all`)"),
+    "experts-top": (list(range(4, 8)), {},
+        "the default recipe: experts in layers 4-7 (the top half, `expand`'s default), rowwise expert optimizer, "
+        "retain penalty on 256 tokens per layer"),
+    "experts-top-r256": (list(range(4, 8)), {"retain_tokens": 256},
+        "the default recipe, penalty on 256 retain tokens per layer"),
+    "experts-top-nopenalty": (list(range(4, 8)), {"retain_coef": 0.0},
+        "the default recipe without the penalty (`--retain-coef 0`)"),
+    "experts-top3": (list(range(5, 8)), {},
+        "experts in layers 5-7 only (`--layers top:3`)"),
+    "experts-top-adamw": (list(range(4, 8)), {"expert_optimizer": "adamw", "retain_tokens": 1024},
+        "the previous default: top half, AdamW on the tables, penalty on 1024 tokens"),
+    "experts-top-rowwise": (list(range(4, 8)), {"expert_optimizer": "rowwise"},
+        "the default recipe (rowwise expert optimizer)"),
+    "experts-top-rowwise-r256": (list(range(4, 8)), {"expert_optimizer": "rowwise", "retain_tokens": 256},
+        "rowwise and 256 retain tokens"),
 }
-ABOUT = {
-    "full": "the dense model, every tensor trains",
-    "experts": "the default recipe with experts in every layer (`expand --layers all`)",
-    "experts-top": "the default recipe: experts in layers 4-7 (`expand`'s default top half), rowwise expert "
-                   "optimizer, retain penalty on 256 tokens per layer",
-    "experts-top-r256": "the default recipe, penalty on 256 retain tokens per layer",
-    "experts-top-nopenalty": "the default recipe without the penalty (`--retain-coef 0`)",
-    "experts-top-rowwise": "the default recipe (rowwise expert optimizer)",
-    "experts-top3": "experts in layers 5-7 only (`--layers top:3`)",
-    "experts-top-rowwise-r256": "rowwise and 256 retain tokens",
-    "experts-top-adamw": "the previous default: top half, AdamW on the tables, penalty on 1024 tokens",
-}
+
 VARIANTS = ("full", "experts", "experts-top")
 SHAPE = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
              num_key_value_heads=1, tie_word_embeddings=True)
@@ -70,7 +69,7 @@ SHAPE = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidde
 def build(variant: str, device: str, bsz: int, seq: int) -> Callable[[], None]:
     """One optimizer step of ``variant`` as a closure."""
     torch.manual_seed(0)
-    layers, overrides = VARIANT_SPECS[variant]
+    layers, overrides, _ = VARIANT_SPECS[variant]
     if layers is None:
         config = DogeConfig(**SHAPE)
     else:
@@ -141,7 +140,7 @@ def main() -> None:
                     f"{args.batch * args.seq / times[v]:,.0f} | {mem[v]:.0f} |")
     cmd = "python bench/recipe_cost.py" + (f" --device {args.device}" if args.device != "cpu" else "")
     cmd += f" --variants {','.join(variants[1:])}" if variants[1:] != list(VARIANTS[1:]) else ""
-    about = "; ".join(f"`{v}`: {ABOUT[v]}" for v in variants)
+    about = "; ".join(f"`{v}`: {VARIANT_SPECS[v][2]}" for v in variants)
     section = (f"## recipe cost: default experts-only step vs full fine-tuning, Doge-20M shape ({args.device})\n\n"
                f"{datetime.date.today()}, {where}. Command: `{cmd}`. Batch {args.batch} x {args.seq} tokens; "
                f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up; AdamW unless said; "
