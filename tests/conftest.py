@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton (when installed) runs tests/test_triton.py's kernels on CPU in its
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # interpreter, which it reads once, at its first import
 from transformers import DogeConfig, DogeForCausalLM, GenerationConfig, PreTrainedTokenizerFast  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

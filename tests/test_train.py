@@ -204,6 +204,19 @@ def test_gradient_checkpointing_gives_the_same_update_with_the_balance_loss(run_
         [r["loss"] for r in metrics(checkpointed) if "loss" in r], abs=1e-6)
 
 
+def test_compile_compiles_every_cdmoe_layer_in_place(run_cli, moe_folder, code_text_dir, tmp_path, monkeypatch):
+    """--compile calls ``compile()`` on each CDMoE layer (tests/test_compile.py checks what compiling computes)."""
+    from upcycle.modeling_upcycle_doge import CausalCDMoE
+
+    compiled = []
+    monkeypatch.setattr(CausalCDMoE, "compile", lambda self, *a, **k: compiled.append(self))
+    run = tmp_path / "run"
+    assert run_cli(*args(moe_folder, code_text_dir, run, "--max-steps", 1, "--eval-every", 0, "--batch-size", 1,
+                         "--eval-blocks", 1, "--compile"))[0] == 0
+    layers = json_of(moe_folder / "config.json")["num_hidden_layers"]
+    assert len(compiled) == layers and len({id(m) for m in compiled}) == layers
+    assert (run / "experts.safetensors").is_file()
+
 def test_model_without_tokenizer_is_a_one_line_error(moe_folder, code_text_dir, tmp_path, run_cli):
     bare = tmp_path / "bare"
     shutil.copytree(moe_folder, bare)

@@ -28,6 +28,7 @@ router (logits and top-k) runs in fp32 even under autocast.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -39,6 +40,12 @@ from safetensors.torch import load_file
 from transformers.models.doge.configuration_doge import DogeConfig
 from transformers.utils import logging
 from transformers.models.doge.modeling_doge import DogeCDMoE, DogeForCausalLM
+
+try:  # optional GPU kernels for the expert path (see "Triton kernels" below); PyTorch is the fallback
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
 
 
 def num_keys_for(num_experts: int) -> int:
@@ -86,8 +93,15 @@ def candidate_pairs(half_k: int, top_k: int, device: torch.device | str | None =
     A pair is beaten or tied by the ``(i + 1) * (j + 1) - 1`` pairs of lower ranks in both halves,
     so only pairs with ``(i + 1) * (j + 1) <= top_k`` are needed: about ``top_k * ln(top_k)``, not ``top_k ** 2``.
     """
-    ranks = torch.arange(1, half_k + 1, device=device)
-    return ((ranks[:, None] * ranks[None, :]) <= top_k).nonzero(as_tuple=True)
+    rows, cols = (_candidate_ranks.__wrapped__ if compiling() else _candidate_ranks)(half_k, top_k)
+    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_ranks(half_k: int, top_k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`candidate_pairs` as Python ints (a constant of the shapes, so ``torch.compile`` sees no data-dependent op)."""
+    pairs = [(i, j) for i in range(half_k) for j in range(min(half_k, top_k // (i + 1)))]
+    return tuple(i for i, _ in pairs), tuple(j for _, j in pairs)
 
 
 def route(
@@ -110,6 +124,11 @@ def route(
     return scores, first * num_keys + second
 
 
+def compiling() -> bool:
+    """Under ``torch.compile``: the sparse CPU kernels are swapped for gathers that compile without graph breaks."""
+    return torch.compiler.is_compiling()
+
+
 CHUNK_ELEMENTS = 1 << 18  # gathered (tokens, k, hidden) elements per step of row_dots (and of scatter_rows off CPU)
 
 
@@ -126,7 +145,9 @@ def row_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -
     either way, and neither depends on the memory alignment of ``table`` or ``states`` (BLAS dot kernels would).
     """
     states = states.to(table.dtype)
-    if table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64):
+    if use_triton(table):
+        return triton_row_dots(table, indices, states)
+    if table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64) and not compiling():
         return sampled_dots(table, indices, states)
     return chunked_dots(table, indices, states)
 
@@ -164,7 +185,9 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Ten
     """
     n, k = indices.shape
     weights, states = weights.float(), states.float()
-    if sparse if sparse is not None else indices.device.type == "cpu":
+    if sparse is None and use_triton(states):
+        return triton_scatter_rows(indices, weights, states, num_rows)
+    if sparse if sparse is not None else (indices.device.type == "cpu" and not compiling()):
         flat, offset2bag = bags(indices)
         matrix = torch.sparse_coo_tensor(torch.stack([flat, offset2bag]), weights.reshape(-1), (num_rows, n),
                                          check_invariants=False)
@@ -180,7 +203,119 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Ten
 
 def row_mix(table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``out[n] = sum_j weights[n, j] * table[indices[n, j]]``, shape ``(N, hidden)`` (``embedding_bag``)."""
+    if use_triton(table):
+        return triton_row_mix(table, indices, weights.to(table.dtype))
     return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+# ------------------------------------------------------------------ Triton kernels (GPU, opt-in)
+# The three primitives above as Triton kernels: one program per token (and hidden block), rows gathered
+# straight from the table, fp32 accumulation, table gradients by atomic adds. They run when
+# UPCYCLE_TRITON=1 is set and Triton is installed: on CUDA tensors, or on CPU under TRITON_INTERPRET=1
+# (Triton's interpreter, which the tests use). Kernels are compiled on first use.
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether the expert primitives take the Triton kernels for ``tensor`` (see the section comment)."""
+    if triton is None or os.environ.get("UPCYCLE_TRITON", "0") != "1" or tensor.dtype == torch.float64:
+        return False  # fp64 (gradient checks) stays on the exact PyTorch path
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dots_kernel(table, indices, states, out, K: tl.constexpr, H: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """``out[n, j] = table[indices[n, j]] . states[n]`` for token ``n = program_id(0)``."""
+    n = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    rows = tl.load(indices + n * K + ks, mask=k_mask, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, H, BLOCK_H):
+        hs = start + tl.arange(0, BLOCK_H)
+        h_mask = hs < H
+        x = tl.load(states + n * H + hs, mask=h_mask, other=0.0).to(tl.float32)
+        t = tl.load(table + rows[:, None] * H + hs[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+        acc += tl.sum(t.to(tl.float32) * x[None, :], axis=1)
+    tl.store(out + n * K + ks, acc.to(out.dtype.element_ty), mask=k_mask)
+
+
+def _mix_kernel(table, indices, weights, out, K: tl.constexpr, H: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """``out[n, h] = sum_j weights[n, j] * table[indices[n, j], h]`` for one token and hidden block."""
+    n = tl.program_id(0).to(tl.int64)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = hs < H
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    rows = tl.load(indices + n * K + ks, mask=k_mask, other=0).to(tl.int64)
+    w = tl.load(weights + n * K + ks, mask=k_mask, other=0.0).to(tl.float32)
+    t = tl.load(table + rows[:, None] * H + hs[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+    acc = tl.sum(t.to(tl.float32) * w[:, None], axis=0)
+    tl.store(out + n * H + hs, acc.to(out.dtype.element_ty), mask=h_mask)
+
+
+def _scatter_kernel(grad, indices, weights, states, K: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``grad[indices[n, j], h] += weights[n, j] * states[n, h]`` (fp32 atomics) for one token and hidden block."""
+    n = tl.program_id(0).to(tl.int64)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = hs < H
+    x = tl.load(states + n * H + hs, mask=h_mask, other=0.0).to(tl.float32)
+    for j in range(K):
+        row = tl.load(indices + n * K + j).to(tl.int64)
+        w = tl.load(weights + n * K + j).to(tl.float32)
+        tl.atomic_add(grad + row * H + hs, w * x, mask=h_mask)
+
+
+_COMPILED: dict[str, dict] = {}
+
+
+def triton_kernels() -> dict:
+    """The jitted kernels, made once per mode (Triton reads TRITON_INTERPRET when it wraps a function)."""
+    mode = os.environ.get("TRITON_INTERPRET", "0")
+    if mode not in _COMPILED:
+        _COMPILED[mode] = {"dots": triton.jit(_dots_kernel), "mix": triton.jit(_mix_kernel),
+                           "scatter": triton.jit(_scatter_kernel)}
+    return _COMPILED[mode]
+
+
+def _blocks(k: int, h: int) -> tuple[int, int]:
+    """Power-of-two tile sizes: all ``k`` rows at once, and a hidden block keeping the tile near 4096 elements."""
+    block_k = triton.next_power_of_2(max(k, 2))
+    return block_k, max(16, min(triton.next_power_of_2(h), 4096 // block_k))
+
+
+def triton_row_dots(table: torch.Tensor, indices: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """:func:`row_dots` as a Triton kernel."""
+    (n, k), h = indices.shape, table.shape[1]
+    out = torch.empty(n, k, dtype=table.dtype, device=table.device)
+    if n:
+        block_k, block_h = _blocks(k, h)
+        triton_kernels()["dots"][(n,)](table.contiguous(), indices.contiguous(), states.contiguous(), out, k, h,
+                                       block_k, block_h)
+    return out
+
+
+def triton_row_mix(table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`row_mix` as a Triton kernel."""
+    (n, k), h = indices.shape, table.shape[1]
+    out = torch.empty(n, h, dtype=table.dtype, device=table.device)
+    if n:
+        block_k, block_h = _blocks(k, h)
+        triton_kernels()["mix"][(n, triton.cdiv(h, block_h))](table.contiguous(), indices.contiguous(),
+                                                               weights.contiguous(), out, k, h, block_k, block_h)
+    return out
+
+
+def triton_scatter_rows(indices: torch.Tensor, weights: torch.Tensor, states: torch.Tensor,
+                        num_rows: int) -> torch.Tensor:
+    """:func:`scatter_rows` as a Triton kernel (fp32 output)."""
+    (n, k), h = indices.shape, states.shape[1]
+    out = torch.zeros(num_rows, h, dtype=torch.float32, device=states.device)
+    if n:
+        block_h = max(16, min(triton.next_power_of_2(h), 1024))
+        triton_kernels()["scatter"][(n, triton.cdiv(h, block_h))](out, indices.contiguous(), weights.contiguous(),
+                                                                  states.contiguous(), k, h, block_h)
+    return out
 
 
 class RowDot(torch.autograd.Function):

@@ -78,6 +78,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass (less memory, more time)."})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile each CDMoE layer in place (the expert path compiles without graph breaks; the "
+                "first steps pay the compile time)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (CPU always trains in fp32)."})
     streaming: bool = field(default=False, metadata={"help": "Stream Hub datasets instead of downloading them whole."})
     eval_every: int = field(default=200, metadata={

@@ -19,6 +19,7 @@ from upcycle.checkpoint import load_tensors, load_torch_state, read_json, rng_st
 from upcycle.data import DataSource, PackedStream, build_data, build_retain, parse_source
 from upcycle.errors import DamagedCheckpoint, UpcycleError
 from upcycle.folder import SUMMARY, load_model, save_model
+from upcycle.modeling_upcycle_doge import CausalCDMoE
 from upcycle.recipe import DataSpec, TrainConfig, save_config
 from upcycle.run_folder import RunFolder, crash_point, fold, read_state, training_summary
 from upcycle.retain import RetainPenalty, blocks_needed, build_penalty, retain_blocks_path, synthesize
@@ -257,6 +258,10 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
     model = load_model(folder, dtype=torch.float32)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        for module in model.modules():
+            if isinstance(module, CausalCDMoE):
+                module.compile()  # in place: parameter names and state dicts stay as they are
     router = RouterLogits(model) if config.balance_coef > 0 and model.config.is_moe else None
     model = select_trainable(model, config)
     retain_blocks = load_retain_blocks(config, model, tokenizer, checkpoint, acc, progress)
