@@ -124,3 +124,14 @@ def test_unexpected_exception_is_one_line_with_a_debug_switch(run_cli, monkeypat
             assert str(error).startswith("boom")
         else:
             raise AssertionError("UPCYCLE_DEBUG=1 should re-raise")
+
+
+def test_remote_code_needs_only_what_transformers_brings():
+    """transformers refuses remote code whose imports are missing: the shipped file may import only torch,
+    transformers, their dependencies and the standard library (optional ones inside ``try`` blocks)."""
+    from transformers.dynamic_module_utils import get_imports
+
+    from upcycle.folder import MODELING_FILE
+
+    allowed = {"torch", "transformers", "safetensors", "huggingface_hub"} | set(sys.stdlib_module_names)
+    assert set(get_imports(str(MODELING_FILE))) <= allowed

@@ -381,7 +381,10 @@ def reference_routed_experts(module: "CausalCDMoE", flat_states: torch.Tensor
 
     Written with einx, which upcycle installs; the fast path (all a remote-code user runs) does not need it.
     """
-    import einx
+    try:  # in a try block so that transformers' remote-code import check does not require einx
+        import einx
+    except ImportError as error:
+        raise ImportError("reference_routed_experts needs einx: pip install einx") from error
 
     with torch.autocast(flat_states.device.type, enabled=False):
         router_logits, indices, routing_weights = routing_weights_of(module, flat_states)
