@@ -40,6 +40,7 @@ EXPERT_LRS = [3e-3, 1e-2, 3e-2, 1e-1]
 FULL_LRS = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 LORA_LRS = [3e-4, 1e-3, 3e-3, 1e-2]
 OLD = {"expert_optimizer": "adamw", "retain_tokens": 1024}  # the previous default recipe's settings
+DEFAULT = {"layers": "top-half", "expert_optimizer": "rowwise", "retain_tokens": 256}  # the default recipe's
 METHODS = {
     "experts-top-rowwise-r256": {"label": "experts-only, default recipe (top half of the layers, rowwise optimizer, "
                                           "penalty on 256 self-sampled retain tokens)", "train": "experts",
@@ -72,6 +73,16 @@ METHODS = {
                       "retain_coef": 1e-2, **OLD, "lrs": EXPERT_LRS},
     "experts-plain": {"label": "experts-only, every layer, no penalty", "train": "experts",
                       "retain_coef": 0.0, **OLD, "lrs": EXPERT_LRS},
+    "default-lrx4": {"label": "default recipe, tables at 4x the router's lr (--expert-lr-scale 4)",
+                     "train": "experts", **DEFAULT, "expert_lr_scale": 4.0, "lrs": EXPERT_LRS},
+    "default-warmup10": {"label": "default recipe, 10% warmup (--warmup 0.1)", "train": "experts", **DEFAULT,
+                         "warmup": 0.1, "lrs": EXPERT_LRS},
+    "default-balance": {"label": "default recipe + load-balancing loss (--balance-coef 0.01)", "train": "experts",
+                        **DEFAULT, "balance_coef": 0.01, "lrs": EXPERT_LRS},
+    "default-c1e-2": {"label": "default recipe, penalty coefficient 1e-2 (--retain-coef 1e-2)", "train": "experts",
+                      **DEFAULT, "retain_coef": 1e-2, "lrs": EXPERT_LRS},
+    "default-c0": {"label": "default recipe without the penalty (--retain-coef 0)", "train": "experts", **DEFAULT,
+                   "retain_coef": 0.0, "lrs": EXPERT_LRS},
     "lora-r8": {"label": "LoRA r 8", "train": "lora", "lora_r": 8, "lrs": LORA_LRS},
     "lora-r32": {"label": "LoRA r 32", "train": "lora", "lora_r": 32, "lrs": LORA_LRS},
 }
@@ -80,6 +91,7 @@ SIZES = {"small": {"steps": 150, "batch": 8, "eval_per_file": 4},
                    "shape": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=8,
                                  num_attention_heads=2, num_key_value_heads=1)}}
 TIE = 0.02  # nats
+IDEAS = ("default-lrx4", "default-warmup10", "default-balance", "default-c1e-2", "default-c0")  # vs the default
 
 
 # ------------------------------------------------------------------ data and starts
@@ -212,7 +224,7 @@ def run_arm(work: Path, method: str, lr: float, seed: int, args) -> dict:
         extra = {"lora_r": rank, "lora_alpha": 2.0 * rank}
     if spec.get("retain"):
         extra["retain_data"] = [str(work / "a-train.jsonl")]
-    for key in ("retain_coef", "retain_tokens", "expert_optimizer"):
+    for key in ("retain_coef", "retain_tokens", "expert_optimizer", "expert_lr_scale", "warmup", "balance_coef"):
         if key in spec:
             extra[key] = spec[key]
     model = (moe_start(work, setup["dense"], seed, spec.get("layers", "all")) if spec["train"] == "experts"
@@ -400,7 +412,9 @@ def report(work: Path, args, seconds: float | None) -> str:
     for method, baseline in (("experts-top-rowwise-r256", "full"), ("default-retain", "full-replay"),
                              ("experts-top-rowwise-r256", "lora-top"), ("experts-top", "full"),
                              ("experts-top-retain", "full-replay"), ("experts", "full"),
-                             ("experts-retain", "full-replay"), ("experts", "lora-matched")):
+                             ("experts-retain", "full-replay"), ("experts", "lora-matched"),
+                             ("experts-top-rowwise-r256", "lora-r8"), ("experts-top-rowwise-r256", "lora-r32"),
+                             *[(idea, "experts-top-rowwise-r256") for idea in IDEAS]):
         rows = compare(results, start, method, baseline)
         if rows:
             lines += [f"- `{method}` against `{baseline}`:", *rows]
