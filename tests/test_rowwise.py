@@ -125,3 +125,24 @@ def test_unknown_expert_optimizer_names_the_flag():
 
     with pytest.raises(UpcycleError, match="--expert-optimizer 'sgd' is not one of adamw, rowwise, rowwise-bf16"):
         resolve_config(None, model="m", data=["d"], expert_optimizer="sgd")
+
+
+def test_a_16384_expert_checkpoint_keeps_optimizer_state_under_half_the_trainable_bytes(run_cli, dense_folder,
+                                                                                         code_text_dir, tmp_path):
+    """Default settings, 16384 experts in every layer: optimizer.pt holds at most 0.5x the trainable tensors."""
+    from safetensors import safe_open
+
+    moe, run = tmp_path / "moe", tmp_path / "run"
+    assert run_cli("expand", dense_folder, "--experts", 16384, "--layers", "all", "-o", moe)[0] == 0
+    assert run_cli("continue-train", moe, "--data", code_text_dir, "-o", run, "--max-steps", 1, "--batch-size", 2,
+                   "--seq-len", 64, "--eval-every", 0, "--eval-blocks", 1, "--save-every", 1, "--retain-samples", 1,
+                   "--no-progress", "--report-to", "none")[0] == 0
+    checkpoint = run / "checkpoint-1"
+    with safe_open(checkpoint / "trainable.safetensors", "pt") as tensors:
+        trainable = sum(tensors.get_slice(n).get_shape()[0] * tensors.get_slice(n).get_shape()[1] * 4
+                        for n in tensors.keys())
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    state_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
+                      if isinstance(t, torch.Tensor))
+    assert trainable > 16384 * 64 * 2 * 2 * 4  # both tables of both layers
+    assert 0 < state_bytes <= 0.5 * trainable
