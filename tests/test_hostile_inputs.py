@@ -263,6 +263,8 @@ CASES: dict[str, tuple[Callable[[World], list], tuple[str, ...]]] = {
     # quickstart
     "quickstart non-square experts": (lambda w: ["quickstart", w.out, "--experts", 15], ("perfect square",)),
     "quickstart negative experts": (lambda w: ["quickstart", w.out, "--experts", -16], ("positive",)),
+    "quickstart absurd experts": (lambda w: ["quickstart", w.out, "--experts", 100_000_000],
+                                  ("--experts 100000000", "GB")),
     "quickstart k > N": (lambda w: ["quickstart", w.out, "--experts", 16, "--experts-per-token", 17],
                          ("--experts-per-token",)),
     "quickstart zero steps": (lambda w: ["quickstart", w.out, "--max-steps", 0], ("max_steps",)),

@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from upcycle import assets
 from upcycle.errors import UpcycleError
-from upcycle.expansion import expand
+from upcycle.expansion import expand, plan_expand
 from upcycle.expansion import validate as validate_experts
 from upcycle.exporting import export
 from upcycle.folder import check_output, load_model
@@ -155,6 +155,8 @@ def quickstart(out: str | Path = "upcycle-quickstart", force: bool = False, num_
     data = [f"{train_file}:{1 - replay}", f"{docs_file}:{replay}"] if replay else [str(train_file)]
     config = train_config(out, data, eval_file, max_steps, batch_size, lr, seed)  # checks every setting first
     written = [train_file, eval_file, *([docs_file] if replay else [])]
+    plan_expand(assets.DENSE_MODEL, num_experts, experts_per_token, out=out / "moe", seed=seed,
+                dtype="float32").check_room()  # before anything is written
     manifest = prepare_out(out, force, [*written, out / "quickstart.json"])
     quiet_libraries()
     tokenizer = AutoTokenizer.from_pretrained(assets.DENSE_MODEL)

@@ -152,21 +152,34 @@ def check_dense_tensors(source: dict[str, SourceTensor], config, folder: Path) -
                                f"{(config.intermediate_size, config.hidden_size)}; the config does not match the weights")
 
 
-def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | None = None,
-           out: str | os.PathLike | None = None, force: bool = False, seed: int = 0,
-           dtype: str | torch.dtype | None = None, max_shard_size: str | int = "2GB",
-           progress: bool = True, layers: str | list[int] | None = DEFAULT_LAYERS) -> ExpandResult:
-    """Write an upcycled copy of the dense Doge checkpoint ``src`` with ``num_experts`` experts per layer.
+@dataclass
+class ExpandPlan:
+    """What :func:`expand` will write, worked out from the source's config and tensor headers alone."""
 
-    The result computes the same function as ``src`` and is ready for ``continue_train``. ``layers``
-    (see :func:`parse_layers`; default: the top half) routes experts only in some layers: the others still hold (zero)
-    expert tensors, so stock transformers loads the folder and computes the same function, but
-    upcycle's model skips them and trains only the chosen ones; the backward pass then stops at the
-    lowest chosen layer.
-    """
+    folder: Path
+    out: Path
+    source: dict[str, SourceTensor]
+    plans: list[TensorPlan]
+    added: list[str]
+    raw_config: dict
+    num_experts: int
+    experts_per_token: int
+    active: list[int] | None
+
+    def check_room(self) -> None:
+        """Refuse (before anything is written) an output larger than the free disk or memory."""
+        total = sum(p.nbytes for p in self.plans)
+        largest = max(math.prod(p.shape) for p in self.plans if p.name in set(self.added))
+        # a new tensor is made in float32, then scaled
+        check_room(self.out, total, 2 * 4 * largest, f"--experts {self.num_experts}")
+
+
+def plan_expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | None = None,
+                out: str | os.PathLike | None = None, seed: int = 0, dtype: str | torch.dtype | None = None,
+                layers: str | list[int] | None = DEFAULT_LAYERS) -> ExpandPlan:
+    """Check the arguments and the source and plan every tensor of :func:`expand`'s output; writes nothing."""
     k = default_experts_per_token(num_experts) if experts_per_token is None else experts_per_token
     validate(num_experts, k)
-    max_shard_size = parse_size(max_shard_size)
     folder = resolve_source(src)
     config = read_config(folder)
     active = parse_layers(layers, config.num_hidden_layers)
@@ -190,10 +203,27 @@ def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | No
         raw["upcycle_expert_layers"] = active
     if dtype is not None:
         raw["dtype"] = str(dtype).removeprefix("torch.")
+    return ExpandPlan(folder, out, source, plans, added, raw, num_experts, k, active)
 
-    total = sum(p.nbytes for p in plans)
-    largest = max(math.prod(p.shape) for p in plans if p.name in set(added))
-    check_room(out, total, 2 * 4 * largest, f"--experts {num_experts}")  # a new tensor is made in float32, scaled
+
+def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | None = None,
+           out: str | os.PathLike | None = None, force: bool = False, seed: int = 0,
+           dtype: str | torch.dtype | None = None, max_shard_size: str | int = "2GB",
+           progress: bool = True, layers: str | list[int] | None = DEFAULT_LAYERS) -> ExpandResult:
+    """Write an upcycled copy of the dense Doge checkpoint ``src`` with ``num_experts`` experts per layer.
+
+    The result computes the same function as ``src`` and is ready for ``continue_train``. ``layers``
+    (see :func:`parse_layers`; default: the top half) routes experts only in some layers: the others still hold (zero)
+    expert tensors, so stock transformers loads the folder and computes the same function, but
+    upcycle's model skips them and trains only the chosen ones; the backward pass then stops at the
+    lowest chosen layer.
+    """
+    max_shard_size = parse_size(max_shard_size)
+    plan = plan_expand(src, num_experts, experts_per_token, out, seed, dtype, layers)
+    plan.check_room()
+    folder, out, source, plans, added, raw = (plan.folder, plan.out, plan.source, plan.plans, plan.added,
+                                              plan.raw_config)
+    k, active, total = plan.experts_per_token, plan.active, sum(p.nbytes for p in plan.plans)
     with staged_output(out, force=force) as stage:
         with tqdm(total=total, unit="B", unit_scale=True, desc="expand", disable=not progress) as bar:
             write_sharded(stage, plans, max_shard_size, on_bytes=bar.update)
