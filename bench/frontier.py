@@ -37,6 +37,7 @@ sys.path.insert(0, str(BENCH.parent))
 SEQ_LEN = 256
 EXPERTS, PER_TOKEN = 1024, 8
 EXPERT_LRS = [3e-3, 1e-2, 3e-2, 1e-1]
+IDEA_LRS = [3e-3, 1e-2, 3e-2]  # variations of the default recipe, around its lr
 FULL_LRS = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 LORA_LRS = [3e-4, 1e-3, 3e-3, 1e-2]
 OLD = {"expert_optimizer": "adamw", "retain_tokens": 1024}  # the previous default recipe's settings
@@ -74,15 +75,15 @@ METHODS = {
     "experts-plain": {"label": "experts-only, every layer, no penalty", "train": "experts",
                       "retain_coef": 0.0, **OLD, "lrs": EXPERT_LRS},
     "default-lrx4": {"label": "default recipe, tables at 4x the router's lr (--expert-lr-scale 4)",
-                     "train": "experts", **DEFAULT, "expert_lr_scale": 4.0, "lrs": EXPERT_LRS},
+                     "train": "experts", **DEFAULT, "expert_lr_scale": 4.0, "lrs": IDEA_LRS},
     "default-warmup10": {"label": "default recipe, 10% warmup (--warmup 0.1)", "train": "experts", **DEFAULT,
-                         "warmup": 0.1, "lrs": EXPERT_LRS},
+                         "warmup": 0.1, "lrs": IDEA_LRS},
     "default-balance": {"label": "default recipe + load-balancing loss (--balance-coef 0.01)", "train": "experts",
-                        **DEFAULT, "balance_coef": 0.01, "lrs": EXPERT_LRS},
+                        **DEFAULT, "balance_coef": 0.01, "lrs": IDEA_LRS},
     "default-c1e-2": {"label": "default recipe, penalty coefficient 1e-2 (--retain-coef 1e-2)", "train": "experts",
-                      **DEFAULT, "retain_coef": 1e-2, "lrs": EXPERT_LRS},
+                      **DEFAULT, "retain_coef": 1e-2, "lrs": IDEA_LRS},
     "default-c0": {"label": "default recipe without the penalty (--retain-coef 0)", "train": "experts", **DEFAULT,
-                   "retain_coef": 0.0, "lrs": EXPERT_LRS},
+                   "retain_coef": 0.0, "lrs": IDEA_LRS},
     "lora-r8": {"label": "LoRA r 8", "train": "lora", "lora_r": 8, "lrs": LORA_LRS},
     "lora-r32": {"label": "LoRA r 32", "train": "lora", "lora_r": 32, "lrs": LORA_LRS},
 }
