@@ -83,3 +83,20 @@ def test_backward_stops_at_the_lowest_routed_layer(top_moe):
     ids = torch.randint(3, 500, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     assert sorted(set(seen)) == [2, 3]
+
+
+def test_gradient_checkpointing_does_not_run_the_frozen_layers_backward(top_moe):
+    from upcycle.recipe import resolve_config
+    from upcycle.trainable import enable_activation_checkpointing, select_trainable
+
+    _, moe = top_moe
+    model = select_trainable(load_model(moe, dtype=torch.float32), resolve_config(None, model="m", data=["d"]))
+    enable_activation_checkpointing(model)
+    calls = []
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(lambda m, i, o, index=index: calls.append(index))
+    model.train()
+    ids = torch.randint(3, 500, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [0, 1, 2, 3, 3, 2]  # forward, then only the routed layers are recomputed
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -24,7 +24,8 @@ from upcycle.recipe import DataSpec, TrainConfig, save_config
 from upcycle.run_folder import RunFolder, crash_point, fold, read_state, training_summary
 from upcycle.retain import RetainPenalty, blocks_needed, build_penalty, retain_blocks_path, synthesize
 from upcycle.trainable import (RouterLogits, WarmupStableDecay, adopt_hyperparameters, base_name,
-                               build_optimizer, is_expert, select_trainable, trainable_parameters)
+                               build_optimizer, enable_activation_checkpointing, is_expert, select_trainable,
+                               trainable_parameters)
 
 
 @dataclass
@@ -257,7 +258,7 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
     set_seed(config.seed)
     model = load_model(folder, dtype=torch.float32)
     if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if config.compile:
         for module in model.modules():
             if isinstance(module, CausalCDMoE):

@@ -33,6 +33,15 @@ def routed_expert_names(model: nn.Module) -> set[str]:
             if isinstance(module, CausalCDMoE) and module.routed for part in ROUTED_PARAMETER_NAMES}
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant checkpoints).
+
+    transformers also makes the embedding output require a gradient (which only reentrant checkpoints
+    need); that is undone, so the backward pass still stops at the lowest layer that trains.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+
 def select_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Freeze all but the ``config.train`` tensors; wrap with LoRA when asked. Returns the model to train.
 
