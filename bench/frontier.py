@@ -488,7 +488,8 @@ def main() -> None:
             claim = done.with_suffix(".claim")
             if not claim_arm(claim):
                 continue
-            if done.is_file():
+            if done.is_file():  # another runner finished it meanwhile
+                claim.unlink(missing_ok=True)
                 continue
             print(f"[{time.time() - started:6.0f} s] {i + 1}/{len(todo)} {arm_name(m, lr, s)}", flush=True)
             cmd = [sys.executable, __file__, "--arm", m, str(lr), str(s), "--size", args.size, "--work", str(args.work),
