@@ -50,6 +50,9 @@ METHODS = {
     "default-retain": {"label": "experts-only, default recipe + --retain-data (A sample)", "train": "experts",
                        "layers": "top-half", "retain": True, "expert_optimizer": "rowwise", "retain_tokens": 256,
                        "lrs": EXPERT_LRS},
+    "default-retain-replay": {"label": "experts-only, default recipe + --retain-data used for the penalty and as "
+                                       "10% replay", "train": "experts", **DEFAULT, "retain": True, "replay": 0.1,
+                              "lrs": IDEA_LRS},
     "full": {"label": "full fine-tuning", "train": "all", "lrs": FULL_LRS},
     "full-replay": {"label": "full fine-tuning + 10% replay of the same A sample", "train": "all", "replay": 0.1,
                     "lrs": FULL_LRS},
@@ -411,6 +414,7 @@ def report(work: Path, args, seconds: float | None) -> str:
              f"is within {TIE} nats of the baseline's B interpolated at the same A, the dense start counting as the "
              "baseline's zero-lr point):"]
     for method, baseline in (("experts-top-rowwise-r256", "full"), ("default-retain", "full-replay"),
+                             ("default-retain-replay", "full-replay"),
                              ("experts-top-rowwise-r256", "lora-top"), ("experts-top", "full"),
                              ("experts-top-retain", "full-replay"), ("experts", "full"),
                              ("experts-retain", "full-replay"), ("experts", "lora-matched"),
