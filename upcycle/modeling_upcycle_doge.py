@@ -23,7 +23,9 @@ never build or keep the gathered ``(tokens, k, hidden)`` rows: scores are one sa
 product, or gathered and reduced in cache-sized token chunks (:func:`row_dots`), the mix is
 ``embedding_bag``, and the table gradients are one sparse-dense product each (:func:`scatter_rows`).
 :func:`reference_routed_experts` is the straightforward version the tests compare against. The
-router (logits and top-k) runs in fp32 even under autocast.
+router (logits and top-k) runs in fp32 even under autocast. With ``UPCYCLE_TRITON=1`` and Triton
+installed, the three primitives run as Triton kernels on CUDA (see "Triton kernels" below), and under
+``torch.compile`` the whole path traces in one graph.
 """
 
 from __future__ import annotations
