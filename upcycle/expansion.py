@@ -166,12 +166,15 @@ class ExpandPlan:
     experts_per_token: int
     active: list[int] | None
 
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.plans)
+
     def check_room(self) -> None:
         """Refuse (before anything is written) an output larger than the free disk or memory."""
-        total = sum(p.nbytes for p in self.plans)
         largest = max(math.prod(p.shape) for p in self.plans if p.name in set(self.added))
         # a new tensor is made in float32, then scaled
-        check_room(self.out, total, 2 * 4 * largest, f"--experts {self.num_experts}")
+        check_room(self.out, self.total_bytes, 2 * 4 * largest, f"--experts {self.num_experts}")
 
 
 def plan_expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | None = None,
@@ -221,19 +224,18 @@ def expand(src: str | os.PathLike, num_experts: int, experts_per_token: int | No
     max_shard_size = parse_size(max_shard_size)
     plan = plan_expand(src, num_experts, experts_per_token, out, seed, dtype, layers)
     plan.check_room()
-    folder, out, source, plans, added, raw = (plan.folder, plan.out, plan.source, plan.plans, plan.added,
-                                              plan.raw_config)
-    k, active, total = plan.experts_per_token, plan.active, sum(p.nbytes for p in plan.plans)
+    out, plans, added, active = plan.out, plan.plans, plan.added, plan.active
     with staged_output(out, force=force) as stage:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="expand", disable=not progress) as bar:
+        with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=not progress) as bar:
             write_sharded(stage, plans, max_shard_size, on_bytes=bar.update)
-        write_folder_extras(stage, raw, folder)
+        write_folder_extras(stage, plan.raw_config, plan.folder)
     written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
 
     def count(names) -> int:
         return sum(math.prod(p.shape) for p in plans if p.name in names)
 
-    before = count(set(source))
+    before = count(set(plan.source))
     added_count = count(set(added))
     trainable = count({n for n in added if active is None or int(n.split(".")[2]) in active})
-    return ExpandResult(out, before, before + added_count, added_count, trainable, written, num_experts, k)
+    return ExpandResult(out, before, before + added_count, added_count, trainable, written, num_experts,
+                        plan.experts_per_token)

@@ -42,6 +42,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
 
+
 def select_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Freeze all but the ``config.train`` tensors; wrap with LoRA when asked. Returns the model to train.
 
