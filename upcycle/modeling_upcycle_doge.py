@@ -95,15 +95,16 @@ def candidate_pairs(half_k: int, top_k: int, device: torch.device | str | None =
     A pair is beaten or tied by the ``(i + 1) * (j + 1) - 1`` pairs of lower ranks in both halves,
     so only pairs with ``(i + 1) * (j + 1) <= top_k`` are needed: about ``top_k * ln(top_k)``, not ``top_k ** 2``.
     """
-    rows, cols = (_candidate_ranks.__wrapped__ if compiling() else _candidate_ranks)(half_k, top_k)
-    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    device = torch.device(device if device is not None else "cpu")
+    return (_candidate_tensors.__wrapped__ if compiling() else _candidate_tensors)(half_k, top_k, device)
 
 
 @functools.lru_cache(maxsize=64)
-def _candidate_ranks(half_k: int, top_k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """:func:`candidate_pairs` as Python ints (a constant of the shapes, so ``torch.compile`` sees no data-dependent op)."""
+def _candidate_tensors(half_k: int, top_k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`candidate_pairs`, made once per shape and device (read-only index tensors). Built from Python
+    ints, a constant of the shapes, so ``torch.compile`` (which traces past the cache) sees no data-dependent op."""
     pairs = [(i, j) for i in range(half_k) for j in range(min(half_k, top_k // (i + 1)))]
-    return tuple(i for i, _ in pairs), tuple(j for _, j in pairs)
+    return (torch.tensor([i for i, _ in pairs], device=device), torch.tensor([j for _, j in pairs], device=device))
 
 
 def route(
