@@ -96,7 +96,6 @@ def step_of(module: torch.nn.Module, hidden: int, tokens: int, device: str, inpu
             out.backward(grad)
         x.grad = None
         module.zero_grad(set_to_none=True)
-        os.environ["UPCYCLE_TRITON"] = "0"
 
     return step
 

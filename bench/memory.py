@@ -43,7 +43,7 @@ from transformers import DogeConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import write_section  # noqa: E402
-from bench.train_step import hardware  # noqa: E402
+from bench.train_step import _status, hardware, peak_extra  # noqa: E402
 from upcycle.expansion import parse_layers  # noqa: E402
 from upcycle.loss import next_token_loss  # noqa: E402
 from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM  # noqa: E402
@@ -109,13 +109,6 @@ def static_bytes(shape: str, method: str, layers: str, args: argparse.Namespace,
 
 
 # ---------------------------------------------------------------- measured: one layer (child process)
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
 
 class _Captured(Exception):
     pass
@@ -224,12 +217,7 @@ def whole_step(method: str, layers: str, shape: str, checkpointing: bool, args: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: the optimizer state
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    step()
-    return {"peak_grads": (_status("VmHWM") - before) / MIB}
+    return {"peak_grads": peak_extra(step, "cpu")}  # after a warm-up step (the optimizer state)
 
 
 def measure_in_child(kind: str, shape: str, checkpointing: bool, args: argparse.Namespace) -> dict[str, float]:
