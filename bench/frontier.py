@@ -79,6 +79,11 @@ METHODS = {
                       "retain_coef": 0.0, **OLD, "lrs": EXPERT_LRS},
     "default-lrx4": {"label": "default recipe, tables at 4x the router's lr (--expert-lr-scale 4)",
                      "train": "experts", **DEFAULT, "expert_lr_scale": 4.0, "lrs": IDEA_LRS},
+    "default-lrx10": {"label": "default recipe, router at 1/10 of the tables' lr (--expert-lr-scale 10; lr is "
+                               "the router's)", "train": "experts", **DEFAULT, "expert_lr_scale": 10.0,
+                      "lrs": [1e-3, 3e-3, 1e-2]},
+    "default-datainit": {"label": "default recipe, keys and down_embed fitted to B by k-means (--expert-init data)",
+                         "train": "experts", **DEFAULT, "expert_init": "data", "lrs": IDEA_LRS},
     "default-warmup10": {"label": "default recipe, 10% warmup (--warmup 0.1)", "train": "experts", **DEFAULT,
                          "warmup": 0.1, "lrs": IDEA_LRS},
     "default-balance": {"label": "default recipe + load-balancing loss (--balance-coef 0.01)", "train": "experts",
@@ -87,6 +92,12 @@ METHODS = {
                       **DEFAULT, "retain_coef": 1e-2, "lrs": IDEA_LRS},
     "default-c0": {"label": "default recipe without the penalty (--retain-coef 0)", "train": "experts", **DEFAULT,
                    "retain_coef": 0.0, "lrs": IDEA_LRS},
+    "default-k32": {"label": "default recipe, 32 experts per token (expand --experts-per-token 32)",
+                    "train": "experts", **DEFAULT, "per_token": 32, "lrs": IDEA_LRS},
+    "default-n4096": {"label": "default recipe, 4096 experts, 16 per token (expand --experts 4096)",
+                      "train": "experts", **DEFAULT, "experts": 4096, "per_token": 16, "lrs": IDEA_LRS},
+    "default-all": {"label": "default recipe with experts in every layer (expand --layers all)", "train": "experts",
+                    **{**DEFAULT, "layers": "all"}, "lrs": IDEA_LRS},
     "lora-r8": {"label": "LoRA r 8", "train": "lora", "lora_r": 8, "lrs": LORA_LRS},
     "lora-r32": {"label": "LoRA r 32", "train": "lora", "lora_r": 32, "lrs": LORA_LRS},
 }
@@ -95,7 +106,8 @@ SIZES = {"small": {"steps": 150, "batch": 8, "eval_per_file": 4},
                    "shape": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=8,
                                  num_attention_heads=2, num_key_value_heads=1)}}
 TIE = 0.02  # nats
-IDEAS = ("default-lrx4", "default-warmup10", "default-balance", "default-c1e-2", "default-c0")  # vs the default
+IDEAS = ("default-lrx4", "default-lrx10", "default-datainit", "default-warmup10", "default-balance", "default-c1e-2", "default-c0", "default-k32",
+         "default-n4096", "default-all")  # vs the default
 
 
 # ------------------------------------------------------------------ data and starts
@@ -169,12 +181,14 @@ def pretrain_large(work: Path, args) -> Path:
     return out
 
 
-def moe_start(work: Path, dense: str, seed: int, layers: str = "all") -> Path:
+def moe_start(work: Path, dense: str, seed: int, layers: str = "all", experts: int = EXPERTS,
+              per_token: int = PER_TOKEN) -> Path:
     from upcycle.expansion import expand
 
-    out = work / (f"moe-s{seed}" if layers == "all" else f"moe-{layers}-s{seed}")
+    pool = "" if (experts, per_token) == (EXPERTS, PER_TOKEN) else f"-n{experts}k{per_token}"
+    out = work / (f"moe{pool}-s{seed}" if layers == "all" else f"moe-{layers}{pool}-s{seed}")
     if not (out / "config.json").is_file():
-        expand(dense, num_experts=EXPERTS, experts_per_token=PER_TOKEN, out=out, seed=seed, dtype="float32",
+        expand(dense, num_experts=experts, experts_per_token=per_token, out=out, seed=seed, dtype="float32",
                progress=False, layers=layers)
     return out
 
@@ -228,11 +242,12 @@ def run_arm(work: Path, method: str, lr: float, seed: int, args) -> dict:
         extra = {"lora_r": rank, "lora_alpha": 2.0 * rank}
     if spec.get("retain"):
         extra["retain_data"] = [str(work / "a-train.jsonl")]
-    for key in ("retain_coef", "retain_tokens", "expert_optimizer", "expert_lr_scale", "warmup", "balance_coef"):
+    for key in ("retain_coef", "retain_tokens", "expert_optimizer", "expert_lr_scale", "warmup", "balance_coef",
+                "expert_init"):
         if key in spec:
             extra[key] = spec[key]
-    model = (moe_start(work, setup["dense"], seed, spec.get("layers", "all")) if spec["train"] == "experts"
-             else setup["dense"])
+    model = (moe_start(work, setup["dense"], seed, spec.get("layers", "all"), spec.get("experts", EXPERTS),
+                       spec.get("per_token", PER_TOKEN)) if spec["train"] == "experts" else setup["dense"])
     config = resolve_config(None, model=str(model), data=data, eval_data=[str(work / "b-train.jsonl")],
                             output_dir=str(run), train=spec["train"], lr=lr, max_steps=args.steps,
                             batch_size=args.batch, seq_len=SEQ_LEN, weight_decay=0.0, eval_every=0, eval_blocks=4,

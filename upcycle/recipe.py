@@ -25,6 +25,7 @@ TRAIN_MODES = ("experts", "experts+lora", "lora", "all")
 DEFAULT_LR = {"experts": 1e-2, "experts+lora": 1e-2, "lora": 1e-3, "all": 1e-4}
 DECAY_SHAPES = ("linear", "cosine")
 EXPERT_OPTIMIZERS = ("adamw", "rowwise", "rowwise-bf16")
+EXPERT_INITS = ("graft", "data")
 DataSpec = str | dict[str, Any]
 
 
@@ -73,6 +74,10 @@ class TrainConfig:
         "help": "Optimizer of down_embed/up_embed: adamw (dense moments, 2x the table bytes), rowwise (one second "
                 "moment per row, about 1/hidden x; rows no token picked stay untouched) or rowwise-bf16 (rowwise "
                 "plus a bf16 first moment, 0.5x + 1/hidden). The router and other tensors keep AdamW."})
+    expert_init: str = field(default="graft", metadata={
+        "help": "Router keys and down_embed of a fresh graft at the first step: graft (as expand wrote them, "
+                "random) or data (fitted by k-means to each layer's inputs on training text; up_embed stays zero, "
+                "so the model still equals the dense one). Layers whose experts already learned keep theirs."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (updates are scaled by alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -189,6 +194,8 @@ def validate(config: TrainConfig) -> None:
     if config.expert_optimizer not in EXPERT_OPTIMIZERS:
         raise UpcycleError(f"--expert-optimizer {config.expert_optimizer!r} is not one of "
                            f"{', '.join(EXPERT_OPTIMIZERS)}")
+    if config.expert_init not in EXPERT_INITS:
+        raise UpcycleError(f"--expert-init {config.expert_init!r} is not one of {', '.join(EXPERT_INITS)}")
     for key in ("max_steps", "batch_size", "grad_accum", "eval_blocks", "log_every", "lora_r"):
         if getattr(config, key) < 1:
             raise UpcycleError(f"{key} must be at least 1, got {getattr(config, key)}")

@@ -18,6 +18,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from upcycle.checkpoint import load_tensors, load_torch_state, read_json, rng_state, save_tensors, write_json
 from upcycle.data import DataSource, PackedStream, build_data, build_retain, parse_source
 from upcycle.errors import DamagedCheckpoint, UpcycleError
+from upcycle.expert_init import init_blocks_needed, init_from_data
 from upcycle.folder import SUMMARY, load_model, save_model
 from upcycle.modeling_upcycle_doge import CausalCDMoE
 from upcycle.recipe import DataSpec, TrainConfig, save_config
@@ -265,6 +266,10 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
                 module.compile()  # in place: parameter names and state dicts stay as they are
     router = RouterLogits(model) if config.balance_coef > 0 and model.config.is_moe else None
     model = select_trainable(model, config)
+    if checkpoint is None and config.expert_init == "data" and config.train.startswith("experts"):
+        blocks = build_retain(sources(config.data), tokenizer, config.seq_len, init_blocks_needed(config.seq_len),
+                              config.seed + 1)
+        init_from_data(model, blocks, config.seed)
     retain_blocks = load_retain_blocks(config, model, tokenizer, checkpoint, acc, progress)
     retain = None
     if retain_blocks is not None and config.retain_coef > 0 and config.train.startswith("experts"):

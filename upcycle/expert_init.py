@@ -1,0 +1,94 @@
+"""Data-driven init of a fresh graft's router keys and ``down_embed`` (``--expert-init data``).
+
+A fresh graft routes by random keys: on real text a few experts take most picks (the shipped
+model's layer 0 uses 465 of 1024 at init). Here each product-key half is fitted to the layer's
+inputs on training text instead, by spherical k-means of the centred inputs: the first half's keys
+are the centroids, the second half's the centroids of what the first leaves over (residual
+quantization), so the pairs ``(i, j)`` tile the data. Expert ``(i, j)``'s ``down_embed`` row points
+along its cell. Keys and rows keep the random init's scale (the root-mean-square logit and
+expert score over the data are matched), and are made orthogonal to the inputs' mean, so they
+score the centred input. ``up_embed`` stays zero: the model still computes the dense model exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from upcycle.retain import cdmoe_layers, layer_inputs
+
+KMEANS_ITERS = 20
+MAX_STATES = 65536  # inputs per layer the k-means sees
+
+
+def spherical_kmeans(points: torch.Tensor, k: int, generator: torch.Generator,
+                     iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit centroids ``(k, d)`` and assignments ``(n,)`` of unit rows ``points`` by cosine k-means."""
+    n = points.shape[0]
+    centers = [points[torch.randint(n, (1,), generator=generator)].squeeze(0)]
+    closest = (points @ centers[0]).clamp(max=1)
+    for _ in range(1, k):  # k-means++ seeding: far from the chosen centroids, by cosine distance
+        weights = (1 - closest).clamp(min=0) + 1e-12
+        centers.append(points[torch.multinomial(weights, 1, generator=generator)].squeeze(0))
+        closest = torch.maximum(closest, points @ centers[-1])
+    centers = torch.stack(centers)
+    for _ in range(iters):
+        assign = (points @ centers.T).argmax(1)
+        sums = torch.zeros_like(centers).index_add_(0, assign, points)
+        empty = sums.norm(dim=1) == 0
+        if empty.any():  # re-seed an empty cluster at the point worst served by its centroid
+            worst = (points * centers[assign]).sum(1).argsort()[: int(empty.sum())]
+            sums[empty] = points[worst]
+        centers = F.normalize(sums, dim=1)
+    return centers, (points @ centers.T).argmax(1)
+
+
+def _orthogonal(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    unit = F.normalize(direction, dim=0)
+    return F.normalize(rows - (rows @ unit)[:, None] * unit, dim=1)
+
+
+def fitted_tables(states: torch.Tensor, num_keys: int, std: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router weight ``(2 * num_keys, h)`` and ``down_embed`` ``(num_keys ** 2, h)`` fitted to ``states``."""
+    generator = torch.Generator().manual_seed(seed)
+    states = states.double()
+    mean = states.mean(0)
+    points = F.normalize(states - mean, dim=1)
+    first, assign = spherical_kmeans(points, num_keys, generator)
+    rest = points - (points * first[assign]).sum(1, keepdim=True) * first[assign]
+    second, _ = spherical_kmeans(F.normalize(rest, dim=1), num_keys, generator)
+    keys = _orthogonal(torch.cat([first, second]), mean)
+    down = _orthogonal((first[:, None, :] + second[None, :, :]).reshape(-1, states.shape[1]), mean)
+    # the random init's scale: std per entry, so a logit or score of root-mean-square std * rms(|x|)
+    target = std * states.norm(dim=1).pow(2).mean().sqrt()
+    keys = keys * target / (states @ keys.T).pow(2).mean().sqrt()
+    sample = states[torch.randperm(states.shape[0], generator=generator)[:4096]]
+    down = down * target / (sample @ down.T).pow(2).mean().sqrt()
+    return keys.float(), down.float()
+
+
+@torch.no_grad()
+def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int:
+    """Fit the keys and ``down_embed`` of every routed layer whose ``up_embed`` is zero; returns how many."""
+    layers = [m for m in cdmoe_layers(model) if not m.up_embed.weight.any()]
+    if not layers:
+        return 0
+    tokens = blocks.numel()
+    states, _ = layer_inputs(model, blocks, min(tokens, MAX_STATES), seed)
+    by_layer = dict(zip(cdmoe_layers(model), states))
+    std = model.config.initializer_range
+    for index, layer in enumerate(layers):
+        keys, down = fitted_tables(by_layer[layer], layer.num_keys, std, seed * 1_000_003 + index)
+        if down.shape != layer.down_embed.weight.shape or keys.shape != layer.router_gate.weight.shape:
+            raise RuntimeError(f"fitted shapes {tuple(keys.shape)}/{tuple(down.shape)} do not match the layer")
+        layer.router_gate.weight.copy_(keys)
+        layer.down_embed.weight.copy_(down)
+    return len(layers)
+
+
+def init_blocks_needed(seq_len: int) -> int:
+    """Blocks of training text to fit on: about ``MAX_STATES`` tokens, at least 8 blocks."""
+    return max(8, math.ceil(MAX_STATES / seq_len))
