@@ -53,6 +53,11 @@ METHODS = {
     "default-retain-replay": {"label": "experts-only, default recipe + --retain-data used for the penalty and as "
                                        "10% replay", "train": "experts", **DEFAULT, "retain": True, "replay": 0.1,
                               "lrs": IDEA_LRS},
+    "recipe": {"label": "experts-only, new default (top half, rowwise, data-fitted keys, penalty 1e-4 on 256 "
+                         "self-sampled retain tokens)", "train": "experts", **DEFAULT, "expert_init": "data",
+               "retain_coef": 1e-4, "lrs": EXPERT_LRS},
+    "recipe-retain": {"label": "experts-only, new default + --retain-data (A sample)", "train": "experts",
+                      **DEFAULT, "expert_init": "data", "retain_coef": 1e-4, "retain": True, "lrs": EXPERT_LRS},
     "full": {"label": "full fine-tuning", "train": "all", "lrs": FULL_LRS},
     "full-replay": {"label": "full fine-tuning + 10% replay of the same A sample", "train": "all", "replay": 0.1,
                     "lrs": FULL_LRS},
@@ -90,6 +95,8 @@ METHODS = {
                         **DEFAULT, "balance_coef": 0.01, "lrs": IDEA_LRS},
     "default-c1e-2": {"label": "default recipe, penalty coefficient 1e-2 (--retain-coef 1e-2)", "train": "experts",
                       **DEFAULT, "retain_coef": 1e-2, "lrs": IDEA_LRS},
+    "default-c1e-4": {"label": "default recipe, penalty coefficient 1e-4 (--retain-coef 1e-4)", "train": "experts",
+                      **DEFAULT, "retain_coef": 1e-4, "lrs": IDEA_LRS},
     "default-c0": {"label": "default recipe without the penalty (--retain-coef 0)", "train": "experts", **DEFAULT,
                    "retain_coef": 0.0, "lrs": IDEA_LRS},
     "default-k32": {"label": "default recipe, 32 experts per token (expand --experts-per-token 32)",
@@ -106,8 +113,9 @@ SIZES = {"small": {"steps": 150, "batch": 8, "eval_per_file": 4},
                    "shape": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=8,
                                  num_attention_heads=2, num_key_value_heads=1)}}
 TIE = 0.02  # nats
-IDEAS = ("default-lrx4", "default-lrx10", "default-datainit", "default-warmup10", "default-balance", "default-c1e-2", "default-c0", "default-k32",
-         "default-n4096", "default-all")  # vs the default
+# variations of the default recipe, each compared against it
+IDEAS = ("default-lrx4", "default-lrx10", "default-datainit", "default-warmup10", "default-balance", "default-c1e-2",
+         "default-c1e-4", "default-c0", "default-k32", "default-n4096", "default-all")
 
 
 # ------------------------------------------------------------------ data and starts

@@ -396,3 +396,13 @@ def test_malformed_files_are_one_line_errors(tok, tmp_path, capfd, streaming, na
         build_data([DataSource(str(path))], tok, 16, eval_blocks=1, streaming=streaming, cache_dir=str(tmp_path / "c"))
     assert name in str(error.value) and "\n" not in str(error.value)
     assert "Failed to load" not in capfd.readouterr().err  # datasets' own log line is muted
+
+
+def test_peek_returns_the_next_blocks_and_keeps_the_position(tok, tmp_path):
+    (tmp_path / "a.txt").write_text(" ".join(f"word{i}" for i in range(4000)))
+    stream, _ = build_data([parse_source(str(tmp_path / "a.txt"))], tok, 16, eval_blocks=2, seed=0)
+    peeked = stream.peek(5)
+    state = stream.state_dict()
+    blocks = iter(stream)
+    assert torch.equal(peeked, torch.stack([next(blocks) for _ in range(5)]))
+    assert state != stream.state_dict()  # iterating moved on; peeking had not

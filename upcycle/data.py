@@ -595,6 +595,15 @@ class PackedStream:
             self.blocks += 1
             yield block
 
+    def peek(self, n: int) -> torch.LongTensor:
+        """The next ``n`` blocks ``(n, seq_len)``, leaving the position where it was."""
+        state = self.state_dict()
+        blocks = iter(self)
+        try:
+            return torch.stack([next(blocks) for _ in range(n)])
+        finally:
+            self.load_state_dict(state)
+
     def state_dict(self) -> dict:
         """The position as plain JSON-serializable values."""
         return {"seq_len": self.seq_len, "seed": self.seed, "blocks": self.blocks,
