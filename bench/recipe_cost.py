@@ -32,6 +32,7 @@ from transformers import DogeConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import write_section  # noqa: E402
 from bench.train_step import hardware, interleaved, peak_extra  # noqa: E402
+from upcycle.expert_init import init_blocks_needed  # noqa: E402
 from upcycle.modeling_upcycle_doge import UpcycleDogeForCausalLM  # noqa: E402
 from upcycle.recipe import resolve_config  # noqa: E402
 from upcycle.retain import build_penalty  # noqa: E402
@@ -101,6 +102,29 @@ def build(variant: str, device: str, bsz: int, seq: int) -> Callable[[], None]:
     return step
 
 
+def fit_seconds(device: str, seq: int) -> float:
+    """One-time cost of ``--expert-init data`` on the top-half model: the forward pass over the fitting blocks
+    plus the k-means of every routed layer."""
+    import time
+
+    from upcycle.expert_init import init_from_data
+
+    torch.manual_seed(0)
+    config = DogeConfig(**SHAPE, is_moe=True, num_experts=1024, num_experts_per_tok=8)
+    config.upcycle_expert_layers = list(range(4, 8))
+    model = UpcycleDogeForCausalLM(config).to(device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "up_embed" in name:
+                p.zero_()
+    blocks = torch.randint(0, 32768, (init_blocks_needed(seq), seq), generator=torch.Generator().manual_seed(2))
+    started = time.perf_counter()
+    init_from_data(model, blocks, seed=0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def memory(device: str, bsz: int, seq: int, variants: list[str]) -> dict[str, float]:
     if device.startswith("cuda"):
         return {v: peak_extra(build(v, device, bsz, seq), device) for v in variants}
@@ -134,6 +158,7 @@ def main() -> None:
     times = interleaved(steps, args.repeats, args.warmup, args.device)
     del steps
     mem = memory(args.device, args.batch, args.seq, variants)
+    fit = fit_seconds(args.device, args.seq)
     rows = ["| variant | step time (ms) | time / full | tokens/s | peak extra memory (MB) |", "|---|---|---|---|---|"]
     for v in variants:
         rows.append(f"| {v} | {times[v] * 1e3:.0f} | **{times[v] / times['full']:.2f}x** | "
@@ -144,7 +169,10 @@ def main() -> None:
     section = (f"## recipe cost: default experts-only step vs full fine-tuning, Doge-20M shape ({args.device})\n\n"
                f"{datetime.date.today()}, {where}. Command: `{cmd}`. Batch {args.batch} x {args.seq} tokens; "
                f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up; AdamW unless said; "
-               f"1024 experts, 8 per token. {about}.\n\n" + "\n".join(rows))
+               f"1024 experts, 8 per token. {about}.\n\n" + "\n".join(rows)
+               + f"\n\nOne-time cost of `--expert-init data` (top half, {init_blocks_needed(args.seq)} blocks of "
+               f"{args.seq} tokens, before the first step): {fit:.1f} s, about {fit / times['full']:.0f} full "
+               "fine-tuning steps.")
     print(section)
     if not args.no_write:
         write_section(f"bench/recipe_cost.py {'cuda' if args.device.startswith('cuda') else 'cpu'}", section)

@@ -21,7 +21,7 @@ from torch import nn
 from upcycle.retain import cdmoe_layers, layer_inputs
 
 KMEANS_ITERS = 20
-MAX_STATES = 65536  # inputs per layer the k-means sees
+MAX_STATES = 16384  # inputs per layer the k-means sees (tokens of training text read)
 
 
 def spherical_kmeans(points: torch.Tensor, k: int, generator: torch.Generator,
@@ -90,5 +90,5 @@ def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int
 
 
 def init_blocks_needed(seq_len: int) -> int:
-    """Blocks of training text to fit on: about ``MAX_STATES`` tokens, at least 8 blocks."""
-    return max(8, math.ceil(MAX_STATES / seq_len))
+    """Blocks of training text to fit on: about ``MAX_STATES`` tokens, at least 4 blocks."""
+    return max(4, math.ceil(MAX_STATES / seq_len))

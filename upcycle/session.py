@@ -267,7 +267,7 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
     router = RouterLogits(model) if config.balance_coef > 0 and model.config.is_moe else None
     model = select_trainable(model, config)
     if checkpoint is None and config.expert_init == "data" and config.train.startswith("experts"):
-        init_from_data(model, stream.peek(init_blocks_needed(config.seq_len)), config.seed)
+        init_from_data(model.to(acc.device), stream.peek(init_blocks_needed(config.seq_len)), config.seed)
     retain_blocks = load_retain_blocks(config, model, tokenizer, checkpoint, acc, progress)
     retain = None
     if retain_blocks is not None and config.retain_coef > 0 and config.train.startswith("experts"):
