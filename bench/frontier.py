@@ -40,24 +40,30 @@ EXPERT_LRS = [3e-3, 1e-2, 3e-2, 1e-1]
 IDEA_LRS = [3e-3, 1e-2, 3e-2]  # variations of the default recipe, around its lr
 FULL_LRS = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 LORA_LRS = [3e-4, 1e-3, 3e-3, 1e-2]
-OLD = {"expert_optimizer": "adamw", "retain_tokens": 1024}  # the previous default recipe's settings
-DEFAULT = {"layers": "top-half", "expert_optimizer": "rowwise", "retain_tokens": 256}  # the default recipe's
+# earlier default recipes' settings, spelled out so that the arms do not follow later changes of the defaults
+OLD = {"expert_optimizer": "adamw", "retain_tokens": 1024, "retain_coef": 1e-3, "expert_init": "graft"}
+DEFAULT = {"layers": "top-half", "expert_optimizer": "rowwise", "retain_tokens": 256, "retain_coef": 1e-3,
+           "expert_init": "graft"}
 METHODS = {
-    "experts-top-rowwise-r256": {"label": "experts-only, default recipe (top half of the layers, rowwise optimizer, "
-                                          "penalty on 256 self-sampled retain tokens)", "train": "experts",
-                                 "layers": "top-half", "expert_optimizer": "rowwise", "retain_tokens": 256,
-                                 "lrs": EXPERT_LRS},
-    "default-retain": {"label": "experts-only, default recipe + --retain-data (A sample)", "train": "experts",
-                       "layers": "top-half", "retain": True, "expert_optimizer": "rowwise", "retain_tokens": 256,
-                       "lrs": EXPERT_LRS},
+    "experts-top-rowwise-r256": {"label": "experts-only, previous default recipe (top half of the layers, rowwise "
+                                          "optimizer, penalty 1e-3 on 256 self-sampled retain tokens)",
+                                 "train": "experts", **DEFAULT, "lrs": EXPERT_LRS},
+    "default-retain": {"label": "experts-only, previous default recipe + --retain-data (A sample)",
+                       "train": "experts", **DEFAULT, "retain": True, "lrs": EXPERT_LRS},
     "default-retain-replay": {"label": "experts-only, default recipe + --retain-data used for the penalty and as "
                                        "10% replay", "train": "experts", **DEFAULT, "retain": True, "replay": 0.1,
                               "lrs": IDEA_LRS},
-    "recipe": {"label": "experts-only, new default (top half, rowwise, data-fitted keys, penalty 1e-4 on 256 "
+    "recipe": {"label": "experts-only, default recipe (top half, rowwise, data-fitted keys, penalty 1e-4 on 256 "
                          "self-sampled retain tokens)", "train": "experts", **DEFAULT, "expert_init": "data",
                "retain_coef": 1e-4, "lrs": EXPERT_LRS},
-    "recipe-retain": {"label": "experts-only, new default + --retain-data (A sample)", "train": "experts",
+    "recipe-retain": {"label": "experts-only, default recipe + --retain-data (A sample)", "train": "experts",
                       **DEFAULT, "expert_init": "data", "retain_coef": 1e-4, "retain": True, "lrs": EXPERT_LRS},
+    "recipe-all": {"label": "experts-only, default recipe with experts in every layer (expand --layers all)",
+                   "train": "experts", **{**DEFAULT, "layers": "all"}, "expert_init": "data", "retain_coef": 1e-4,
+                   "lrs": IDEA_LRS},
+    "recipe-all-retain": {"label": "experts-only, default recipe in every layer + --retain-data (A sample)",
+                          "train": "experts", **{**DEFAULT, "layers": "all"}, "expert_init": "data",
+                          "retain_coef": 1e-4, "retain": True, "lrs": IDEA_LRS},
     "full": {"label": "full fine-tuning", "train": "all", "lrs": FULL_LRS},
     "full-replay": {"label": "full fine-tuning + 10% replay of the same A sample", "train": "all", "replay": 0.1,
                     "lrs": FULL_LRS},
@@ -68,10 +74,9 @@ METHODS = {
     "experts-top-retain": {"label": "experts-only, previous default + --retain-data (A sample)",
                            "train": "experts", "layers": "top-half", "retain": True, **OLD, "lrs": EXPERT_LRS},
     "experts-top-r256": {"label": "experts-only, top half, AdamW, penalty on 256 retain tokens", "train": "experts",
-                         "layers": "top-half", "expert_optimizer": "adamw", "retain_tokens": 256, "lrs": EXPERT_LRS},
+                         "layers": "top-half", **OLD, "retain_tokens": 256, "lrs": EXPERT_LRS},
     "experts-top-rowwise": {"label": "experts-only, top half, rowwise, 1024 retain tokens", "train": "experts",
-                            "layers": "top-half", "expert_optimizer": "rowwise", "retain_tokens": 1024,
-                            "lrs": EXPERT_LRS},
+                            "layers": "top-half", **OLD, "expert_optimizer": "rowwise", "lrs": EXPERT_LRS},
     "experts": {"label": "experts-only, every layer (--layers all), AdamW, 1024 retain tokens", "train": "experts",
                 **OLD, "lrs": EXPERT_LRS},
     "experts-retain": {"label": "experts-only, every layer, AdamW + --retain-data (A sample)", "train": "experts",
@@ -79,9 +84,9 @@ METHODS = {
     "lora-matched": {"label": "LoRA, rank matching the every-layer experts' trainable count", "train": "lora",
                      "lora_r": "matched", "lrs": LORA_LRS},
     "experts-c1e-2": {"label": "experts-only, every layer, penalty coefficient 1e-2", "train": "experts",
-                      "retain_coef": 1e-2, **OLD, "lrs": EXPERT_LRS},
+                      **OLD, "retain_coef": 1e-2, "lrs": EXPERT_LRS},
     "experts-plain": {"label": "experts-only, every layer, no penalty", "train": "experts",
-                      "retain_coef": 0.0, **OLD, "lrs": EXPERT_LRS},
+                      **OLD, "retain_coef": 0.0, "lrs": EXPERT_LRS},
     "default-lrx4": {"label": "default recipe, tables at 4x the router's lr (--expert-lr-scale 4)",
                      "train": "experts", **DEFAULT, "expert_lr_scale": 4.0, "lrs": IDEA_LRS},
     "default-lrx10": {"label": "default recipe, router at 1/10 of the tables' lr (--expert-lr-scale 10; lr is "
@@ -370,6 +375,27 @@ def table(results: dict, start: dict) -> str:
     return "\n".join(lines)
 
 
+def idea_table(results: dict, start: dict, base: str = "experts-top-rowwise-r256", seed: int = 0) -> str:
+    """Each idea at its best validation-B lr on ``seed``, against ``base`` on the same seed (ideas have 1 seed)."""
+    def best(method: str) -> tuple[float, dict] | None:
+        points = {lr: r for lr, rs in results.get(method, {}).items() for r in rs if r["seed"] == seed}
+        return (min(points.items(), key=lambda item: item[1]["B_val"])) if points else None
+
+    reference = best(base)
+    if reference is None:
+        return ""
+    lines = [f"| idea (seed {seed}) | lr | B test (gain) | A test (forgetting) | B test vs `{base}` |",
+             "|---|---|---|---|---|"]
+    for method in (base, *IDEAS, "recipe"):
+        found = best(method)
+        if found is None:
+            continue
+        lr, r = found
+        lines.append(f"| {method} | {lr:g} | {r['B_test'] - start['B_test']:+.3f} | "
+                     f"{r['A_test'] - start['A_test']:+.3f} | {r['B_test'] - reference[1]['B_test']:+.3f} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, start: dict, out: Path, title: str) -> None:
     """Two panels: every arm, and a zoom on low forgetting (A within 0.35 nats of the start)."""
     import matplotlib
@@ -436,7 +462,10 @@ def report(work: Path, args, seconds: float | None) -> str:
              "Frontier checks (test split; a method is on or beyond a baseline's frontier at an lr when its B loss "
              f"is within {TIE} nats of the baseline's B interpolated at the same A, the dense start counting as the "
              "baseline's zero-lr point):"]
-    for method, baseline in (("experts-top-rowwise-r256", "full"), ("default-retain", "full-replay"),
+    for method, baseline in (("recipe", "full"), ("recipe-retain", "full-replay"), ("recipe-all", "full"),
+                             ("recipe-all-retain", "full-replay"), ("recipe", "lora-top"),
+                             ("recipe", "lora-r8"), ("recipe", "lora-r32"), ("recipe", "experts-top-rowwise-r256"),
+                             ("experts-top-rowwise-r256", "full"), ("default-retain", "full-replay"),
                              ("default-retain-replay", "full-replay"),
                              ("experts-top-rowwise-r256", "lora-top"), ("experts-top", "full"),
                              ("experts-top-retain", "full-replay"), ("experts", "full"),
@@ -446,6 +475,9 @@ def report(work: Path, args, seconds: float | None) -> str:
         rows = compare(results, start, method, baseline)
         if rows:
             lines += [f"- `{method}` against `{baseline}`:", *rows]
+    ideas = idea_table(results, start)
+    if ideas:
+        lines += ["", "Ideas on one seed, each at its best validation-B lr (3 lrs around the default's):", "", ideas]
     edges = [f"{m} ({key})" for m, points in results.items() for key in ("B_val",) if best_lr(points, key)[1]]
     if edges:
         lines += ["", "Best validation B at an end of the lr grid (extend the grid): " + ", ".join(edges) + "."]
