@@ -63,7 +63,7 @@ class TrainConfig:
     eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0 disables)."})
     balance_coef: float = field(default=0.0, metadata={"help": "Router load-balancing loss coefficient (0 disables)."})
-    retain_coef: float = field(default=1e-3, metadata={
+    retain_coef: float = field(default=1e-4, metadata={
         "help": "Expert-off penalty on retain tokens in the experts modes (0 disables)."})
     retain_tokens: int = field(default=256, metadata={"help": "Retain tokens per layer per step for the penalty."})
     retain_samples: int = field(default=64, metadata={
@@ -74,7 +74,7 @@ class TrainConfig:
         "help": "Optimizer of down_embed/up_embed: adamw (dense moments, 2x the table bytes), rowwise (one second "
                 "moment per row, about 1/hidden x; rows no token picked stay untouched) or rowwise-bf16 (rowwise "
                 "plus a bf16 first moment, 0.5x + 1/hidden). The router and other tensors keep AdamW."})
-    expert_init: str = field(default="graft", metadata={
+    expert_init: str = field(default="data", metadata={
         "help": "Router keys and down_embed of a fresh graft at the first step: graft (as expand wrote them, "
                 "random) or data (fitted by k-means to each layer's inputs on training text; up_embed stays zero, "
                 "so the model still equals the dense one). Layers whose experts already learned keep theirs."})
