@@ -64,5 +64,5 @@ fi
 
 # 6. with the time left: the frontier at the large size on the GPU (cached arms are skipped on rerun)
 stage frontier-large timeout 240 python bench/frontier.py --size large --gpu --work "$WORK/frontier-large" \
-    --methods experts-top-rowwise-r256,full,default-retain,full-replay,lora-top --no-write
+    --methods recipe,full,recipe-retain,full-replay,lora-top --no-write
 cp -r "$WORK/frontier-large/arms" "$OUT/frontier-large-arms" 2> /dev/null || true
