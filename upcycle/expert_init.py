@@ -72,7 +72,8 @@ def fitted_tables(states: torch.Tensor, num_keys: int, std: float, seed: int) ->
 
 @torch.no_grad()
 def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int:
-    """Fit the keys and ``down_embed`` of every routed layer whose ``up_embed`` is zero; returns how many."""
+    """Fit the keys and ``down_embed`` of every routed layer whose ``up_embed`` is zero; returns how many were
+    fitted (a layer whose inputs are all equal keeps its keys)."""
     layers = [m for m in cdmoe_layers(model) if not m.up_embed.weight.any()]
     if not layers:
         return 0
@@ -80,13 +81,17 @@ def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int
     states, _ = layer_inputs(model, blocks, min(tokens, MAX_STATES), seed)
     by_layer = dict(zip(cdmoe_layers(model), states))
     std = model.config.initializer_range
+    fitted = 0
     for index, layer in enumerate(layers):
         keys, down = fitted_tables(by_layer[layer], layer.num_keys, std, seed * 1_000_003 + index)
+        if not (torch.isfinite(keys).all() and torch.isfinite(down).all()):
+            continue  # degenerate inputs (all equal): keep the graft's random keys
+        fitted += 1
         if down.shape != layer.down_embed.weight.shape or keys.shape != layer.router_gate.weight.shape:
             raise RuntimeError(f"fitted shapes {tuple(keys.shape)}/{tuple(down.shape)} do not match the layer")
         layer.router_gate.weight.copy_(keys)
         layer.down_embed.weight.copy_(down)
-    return len(layers)
+    return fitted
 
 
 def init_blocks_needed(seq_len: int) -> int:
