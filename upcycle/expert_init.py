@@ -51,11 +51,18 @@ def _orthogonal(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     return F.normalize(rows - (rows @ unit)[:, None] * unit, dim=1)
 
 
-def fitted_tables(states: torch.Tensor, num_keys: int, std: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router weight ``(2 * num_keys, h)`` and ``down_embed`` ``(num_keys ** 2, h)`` fitted to ``states``."""
+SPREAD = 1e-3  # inputs whose spread around their mean is below this fraction of their norm: nothing to fit
+
+
+def fitted_tables(states: torch.Tensor, num_keys: int, std: float, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Router weight ``(2 * num_keys, h)`` and ``down_embed`` ``(num_keys ** 2, h)`` fitted to ``states``, or
+    ``None`` when the states are (nearly) all equal."""
     generator = torch.Generator().manual_seed(seed)
     states = states.double()
     mean = states.mean(0)
+    if (states - mean).norm(dim=1).pow(2).mean().sqrt() <= SPREAD * states.norm(dim=1).pow(2).mean().sqrt():
+        return None
     points = F.normalize(states - mean, dim=1)
     first, assign = spherical_kmeans(points, num_keys, generator)
     rest = points - (points * first[assign]).sum(1, keepdim=True) * first[assign]
@@ -73,7 +80,7 @@ def fitted_tables(states: torch.Tensor, num_keys: int, std: float, seed: int) ->
 @torch.no_grad()
 def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int:
     """Fit the keys and ``down_embed`` of every routed layer whose ``up_embed`` is zero; returns how many were
-    fitted (a layer whose inputs are all equal keeps its keys)."""
+    fitted (a layer whose inputs are nearly all equal keeps its keys)."""
     layers = [m for m in cdmoe_layers(model) if not m.up_embed.weight.any()]
     if not layers:
         return 0
@@ -83,9 +90,10 @@ def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int
     std = model.config.initializer_range
     fitted = 0
     for index, layer in enumerate(layers):
-        keys, down = fitted_tables(by_layer[layer], layer.num_keys, std, seed * 1_000_003 + index)
-        if not (torch.isfinite(keys).all() and torch.isfinite(down).all()):
+        tables = fitted_tables(by_layer[layer], layer.num_keys, std, seed * 1_000_003 + index)
+        if tables is None:
             continue  # degenerate inputs (all equal): keep the graft's random keys
+        keys, down = tables
         fitted += 1
         if down.shape != layer.down_embed.weight.shape or keys.shape != layer.router_gate.weight.shape:
             raise RuntimeError(f"fitted shapes {tuple(keys.shape)}/{tuple(down.shape)} do not match the layer")
