@@ -396,25 +396,31 @@ def idea_table(results: dict, start: dict, base: str = "experts-top-rowwise-r256
     return "\n".join(lines)
 
 
+PLOTTED = ("recipe", "recipe-retain", "recipe-all", "recipe-all-retain", "experts-top-rowwise-r256", "full",
+           "full-replay", "lora-top", "lora-r8", "lora-r32")  # the headline methods; the table has every arm
+
+
 def plot(results: dict, start: dict, out: Path, title: str) -> None:
-    """Two panels: every arm, and a zoom on low forgetting (A within 0.35 nats of the start)."""
+    """Two panels for the headline methods: every lr, and a zoom on low forgetting (A within 0.35 nats)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    shown = [m for m in PLOTTED if m in results]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 7.5))
     for ax in axes:
         ax.scatter([start["A_test"]], [start["B_test"]], color="black", marker="*", s=120, label="dense start",
                    zorder=3)
-        for index, (method, points) in enumerate(results.items()):
+        for index, method in enumerate(shown):
+            points = results[method]
             pts = curve(points)
             errs = [(spread([r["A_test"] for r in points[lr]]), spread([r["B_test"] for r in points[lr]]))
                     for lr, _, _ in pts]
-            style = "-" if method.startswith("experts") else "--"
+            style = "-" if METHODS[method]["train"] == "experts" else "--"
             line = ax.errorbar([a for _, a, _ in pts], [b for _, _, b in pts], xerr=[e[0] for e in errs],
                                yerr=[e[1] for e in errs], fmt="o" + style, capsize=2, color=f"C{index}",
-                               label=METHODS[method]["label"])
+                               label=f"{method}: {METHODS[method]['label']}")
             for lr, a, b in pts:
                 ax.annotate(f"{lr:g}", (a, b), fontsize=6, xytext=(3, 3), textcoords="offset points",
                             color=line[0].get_color())
@@ -422,9 +428,10 @@ def plot(results: dict, start: dict, out: Path, title: str) -> None:
                ylabel="held-out loss on B, the new domain (gain: lower is better)")
     axes[0].set_title(title)
     axes[1].set_xlim(start["A_test"] - 0.02, start["A_test"] + 0.35)
-    axes[1].set_title("zoom: forgetting up to +0.35 nats")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    axes[1].set_title("zoom: forgetting up to +0.35 nats (points are lrs, bars the seed spread)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(out, dpi=100)
 
 
