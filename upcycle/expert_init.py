@@ -94,11 +94,11 @@ def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int
         if tables is None:
             continue  # degenerate inputs (all equal): keep the graft's random keys
         keys, down = tables
-        fitted += 1
         if down.shape != layer.down_embed.weight.shape or keys.shape != layer.router_gate.weight.shape:
             raise RuntimeError(f"fitted shapes {tuple(keys.shape)}/{tuple(down.shape)} do not match the layer")
         layer.router_gate.weight.copy_(keys)
         layer.down_embed.weight.copy_(down)
+        fitted += 1
     return fitted
 
 
