@@ -58,6 +58,12 @@ METHODS = {
                "retain_coef": 1e-4, "lrs": EXPERT_LRS},
     "recipe-retain": {"label": "experts-only, default recipe + --retain-data (A sample)", "train": "experts",
                       **DEFAULT, "expert_init": "data", "retain_coef": 1e-4, "retain": True, "lrs": EXPERT_LRS},
+    "recipe-slots": {"label": "default recipe, only the 25% of experts B uses most relative to the retain text train "
+                              "(--slot-fraction 0.25)", "train": "experts", **DEFAULT, "expert_init": "data",
+                     "retain_coef": 1e-4, "slot_fraction": 0.25, "lrs": IDEA_LRS},
+    "recipe-retain-slots": {"label": "default recipe + --retain-data, --slot-fraction 0.25 ranked against the A "
+                                     "sample", "train": "experts", **DEFAULT, "expert_init": "data",
+                            "retain_coef": 1e-4, "retain": True, "slot_fraction": 0.25, "lrs": IDEA_LRS},
     "recipe-all": {"label": "experts-only, default recipe with experts in every layer (expand --layers all)",
                    "train": "experts", **{**DEFAULT, "layers": "all"}, "expert_init": "data", "retain_coef": 1e-4,
                    "lrs": IDEA_LRS},
@@ -256,7 +262,7 @@ def run_arm(work: Path, method: str, lr: float, seed: int, args) -> dict:
     if spec.get("retain"):
         extra["retain_data"] = [str(work / "a-train.jsonl")]
     for key in ("retain_coef", "retain_tokens", "expert_optimizer", "expert_lr_scale", "warmup", "balance_coef",
-                "expert_init"):
+                "expert_init", "slot_fraction"):
         if key in spec:
             extra[key] = spec[key]
     model = (moe_start(work, setup["dense"], seed, spec.get("layers", "all"), spec.get("experts", EXPERTS),
@@ -386,7 +392,8 @@ def idea_table(results: dict, start: dict, base: str = "experts-top-rowwise-r256
         return ""
     lines = [f"| idea (seed {seed}) | lr | B test (gain) | A test (forgetting) | B test vs `{base}` |",
              "|---|---|---|---|---|"]
-    for method in (base, *IDEAS, "recipe"):
+    for method in (base, *IDEAS, "recipe", "recipe-all", "recipe-slots", "recipe-retain", "recipe-all-retain",
+                   "recipe-retain-slots"):
         found = best(method)
         if found is None:
             continue
@@ -470,7 +477,8 @@ def report(work: Path, args, seconds: float | None) -> str:
              f"is within {TIE} nats of the baseline's B interpolated at the same A, the dense start counting as the "
              "baseline's zero-lr point):"]
     for method, baseline in (("recipe", "full"), ("recipe-retain", "full-replay"), ("recipe-all", "full"),
-                             ("recipe-all-retain", "full-replay"), ("recipe", "lora-top"),
+                             ("recipe-all-retain", "full-replay"), ("recipe-slots", "recipe"),
+                             ("recipe-retain-slots", "recipe-retain"), ("recipe", "lora-top"),
                              ("recipe", "lora-r8"), ("recipe", "lora-r32"), ("recipe", "experts-top-rowwise-r256"),
                              ("experts-top-rowwise-r256", "full"), ("default-retain", "full-replay"),
                              ("default-retain-replay", "full-replay"),

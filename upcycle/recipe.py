@@ -78,6 +78,10 @@ class TrainConfig:
         "help": "Router keys and down_embed of a fresh graft at the first step: graft (as expand wrote them, "
                 "random) or data (fitted by k-means to each layer's inputs on training text; up_embed stays zero, "
                 "so the model still equals the dense one). Layers whose experts already learned keep theirs."})
+    slot_fraction: float = field(default=1.0, metadata={
+        "help": "Fraction of each layer's experts that train, chosen at the start of a run as those the training "
+                "text picks most often relative to the retain text (sparse slot selection); the rest stay frozen. "
+                "1 trains them all."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (updates are scaled by alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -213,6 +217,7 @@ def validate(config: TrainConfig) -> None:
               "weight_decay": (lambda v: v >= 0, "at least 0"), "clip": (lambda v: v >= 0, "at least 0"),
               "balance_coef": (lambda v: v >= 0, "at least 0"), "retain_coef": (lambda v: v >= 0, "at least 0"),
               "min_lr_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+              "slot_fraction": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
               "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
               "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)")}
     for key, (ok, wanted) in checks.items():

@@ -18,12 +18,14 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from upcycle.checkpoint import load_tensors, load_torch_state, read_json, rng_state, save_tensors, write_json
 from upcycle.data import DataSource, PackedStream, build_data, build_retain, parse_source
 from upcycle.errors import DamagedCheckpoint, UpcycleError
-from upcycle.expert_init import init_blocks_needed, init_from_data
+from upcycle.expert_init import MAX_STATES, init_blocks_needed, init_from_data
 from upcycle.folder import SUMMARY, load_model, save_model
 from upcycle.modeling_upcycle_doge import CausalCDMoE
 from upcycle.recipe import DataSpec, TrainConfig, save_config
 from upcycle.run_folder import RunFolder, crash_point, fold, read_state, training_summary
-from upcycle.retain import RetainPenalty, blocks_needed, build_penalty, retain_blocks_path, synthesize
+from upcycle.retain import (RetainPenalty, blocks_needed, build_penalty, cdmoe_layers, layer_inputs,
+                            retain_blocks_path, synthesize)
+from upcycle.slots import freeze_unselected, masks_from_tensors, masks_to_tensors, select_slots, slots_path
 from upcycle.trainable import (RouterLogits, WarmupStableDecay, adopt_hyperparameters, base_name,
                                build_optimizer, enable_activation_checkpointing, is_expert, select_trainable,
                                trainable_parameters)
@@ -275,6 +277,10 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
             raise UpcycleError("the retain penalty evaluates expert tables outside the sharded forward, which "
                                "FSDP/DeepSpeed do not allow: use DDP, or pass --retain-coef 0")
         retain = build_penalty(model, retain_blocks, config.retain_coef, config.retain_tokens, config.seed)
+    slots = None
+    if config.slot_fraction < 1 and config.train.startswith("experts"):
+        slots = choose_slots(config, model, stream, retain_blocks, checkpoint)
+        freeze_unselected(cdmoe_layers(model), slots)
     if checkpoint is not None:
         load_weights(model, checkpoint)
     if config.expert_optimizer != "adamw" and acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
@@ -293,6 +299,9 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
         if retain_blocks is not None and not config.retain_data:
             save_tensors({"input_ids": retain_blocks}, retain_blocks_path(run.path))
             run.record(retain_blocks_path(run.path))
+        if slots is not None:
+            save_tensors(masks_to_tensors(slots), slots_path(run.path))
+            run.record(slots_path(run.path))
         (run.path / "metrics.jsonl").touch()
         run.record(run.path / "config.yaml", run.path / "metrics.jsonl")
     acc.wait_for_everyone()
@@ -334,6 +343,17 @@ def load_retain_blocks(config: TrainConfig, model: torch.nn.Module, tokenizer, c
 
         blocks = broadcast(blocks.to(acc.device), from_process=0).cpu()
     return blocks
+
+
+def choose_slots(config: TrainConfig, model: torch.nn.Module, stream: PackedStream,
+                 retain_blocks: torch.Tensor | None, checkpoint: Path | None) -> list[torch.Tensor]:
+    """The experts that train (per routed layer): those saved with the run on resume, else chosen now."""
+    saved = slots_path(checkpoint.parent) if checkpoint is not None else None
+    if saved is not None and saved.is_file():
+        return masks_from_tensors(load_tensors(saved))
+    train_states, _ = layer_inputs(model, stream.peek(init_blocks_needed(config.seq_len)), MAX_STATES, config.seed)
+    retain_states = None if retain_blocks is None else layer_inputs(model, retain_blocks, MAX_STATES, config.seed)[0]
+    return select_slots(cdmoe_layers(model), train_states, retain_states, config.slot_fraction)
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
