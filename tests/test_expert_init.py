@@ -84,10 +84,14 @@ def test_expert_init_data_trains_and_resumes_exactly(run_cli, moe_folder, code_t
     code, _, err = run_cli(*args(moe_folder, code_text_dir, straight, "--max-steps", 6, "--expert-init", "data"))
     assert code == 0, err
     assert "expert_init: data" in (straight / "config.yaml").read_text()
-    graft = load_file(moe_folder / "model.safetensors")
-    trained = load_file(straight / "experts.safetensors")
-    name = next(n for n in trained if n.endswith("router_gate.weight"))
-    assert not torch.equal(graft[name], trained[name])
+    code, _, err = run_cli(*args(moe_folder, code_text_dir, tmp_path / "graft", "--max-steps", 6, "--expert-init",
+                                 "graft"))
+    assert code == 0, err
+    fitted, kept = load_file(straight / "experts.safetensors"), load_file(tmp_path / "graft" / "experts.safetensors")
+    name = next(n for n in fitted if n.endswith("router_gate.weight"))
+    # the same run from the graft's random keys ends elsewhere, farther than training alone moves the keys
+    moved = (kept[name] - load_file(moe_folder / "model.safetensors")[name]).abs().max()
+    assert (fitted[name] - kept[name]).abs().max() > 2 * moved  # (without the fit the two runs are identical)
     code, _, err = run_cli(*args(moe_folder, code_text_dir, resumed, "--max-steps", 6, "--expert-init", "data",
                                  f"--resume={straight / 'checkpoint-3'}"))
     assert code == 0, err
@@ -113,3 +117,8 @@ def test_degenerate_inputs_keep_the_graft_keys(moe_folder):
     blocks = torch.full((4, 16), 5)  # one token repeated: every position sees the same input in every layer
     assert init_from_data(model, blocks, seed=0) == 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_too_few_inputs_keep_the_graft_keys():
+    assert fitted_tables(torch.randn(10, 16), 8, 0.02, seed=0) is None  # fewer than 2 x 8 inputs
+    assert fitted_tables(torch.randn(400, 16), 8, 0.02, seed=0) is not None

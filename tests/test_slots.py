@@ -35,7 +35,8 @@ def test_unselected_experts_stay_bitwise_frozen_and_resume_keeps_the_choice(run_
     assert code == 0, err
     slots = load_file(straight / "slots.safetensors")
     graft, trained = load_file(moe_folder / "model.safetensors"), load_file(straight / "experts.safetensors")
-    for i, layer in enumerate(sorted({n.rsplit(".mlp.", 1)[0] for n in trained if "up_embed" in n})):
+    layers = sorted({n.rsplit(".mlp.", 1)[0] for n in trained if "up_embed" in n}, key=lambda n: int(n.split(".")[2]))
+    for i, layer in enumerate(layers):
         mask = slots[f"layer{i}"].bool()
         assert 0 < mask.sum() < mask.numel()
         for table in ("up_embed", "down_embed"):
@@ -57,4 +58,11 @@ def test_unselected_experts_stay_bitwise_frozen_and_resume_keeps_the_choice(run_
 def test_slot_fraction_out_of_range_is_refused(run_cli, moe_folder, code_text_dir, tmp_path):
     code, _, err = run_cli(*args(moe_folder, code_text_dir, tmp_path / "run", "--max-steps", 2, "--slot-fraction", 0))
     assert code == 2 and "slot" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_slot_fraction_needs_the_rowwise_optimizer(run_cli, moe_folder, code_text_dir, tmp_path):
+    code, _, err = run_cli(*args(moe_folder, code_text_dir, tmp_path / "run", "--max-steps", 2, "--slot-fraction",
+                                 "0.5", "--expert-optimizer", "adamw"))
+    assert code == 2 and "--slot-fraction" in err and "rowwise" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()

@@ -57,10 +57,12 @@ SPREAD = 1e-3  # inputs whose spread around their mean is below this fraction of
 def fitted_tables(states: torch.Tensor, num_keys: int, std: float, seed: int
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Router weight ``(2 * num_keys, h)`` and ``down_embed`` ``(num_keys ** 2, h)`` fitted to ``states``, or
-    ``None`` when the states are (nearly) all equal."""
+    ``None`` when they are too few (under ``2 * num_keys``) or (nearly) all equal."""
     generator = torch.Generator().manual_seed(seed)
     states = states.double()
     mean = states.mean(0)
+    if states.shape[0] < 2 * num_keys:
+        return None  # fewer inputs than a k-means of num_keys clusters can use
     if (states - mean).norm(dim=1).pow(2).mean().sqrt() <= SPREAD * states.norm(dim=1).pow(2).mean().sqrt():
         return None
     points = F.normalize(states - mean, dim=1)

@@ -198,6 +198,9 @@ def validate(config: TrainConfig) -> None:
     if config.expert_optimizer not in EXPERT_OPTIMIZERS:
         raise UpcycleError(f"--expert-optimizer {config.expert_optimizer!r} is not one of "
                            f"{', '.join(EXPERT_OPTIMIZERS)}")
+    if config.slot_fraction < 1 and not config.expert_optimizer.startswith("rowwise"):
+        raise UpcycleError(f"--slot-fraction needs a rowwise --expert-optimizer (AdamW's weight decay would still move "
+                           f"the frozen experts): drop --expert-optimizer {config.expert_optimizer} or the fraction")
     if config.expert_init not in EXPERT_INITS:
         raise UpcycleError(f"--expert-init {config.expert_init!r} is not one of {', '.join(EXPERT_INITS)}")
     for key in ("max_steps", "batch_size", "grad_accum", "eval_blocks", "log_every", "lora_r"):

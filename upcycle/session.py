@@ -268,8 +268,10 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
                 module.compile()  # in place: parameter names and state dicts stay as they are
     router = RouterLogits(model) if config.balance_coef > 0 and model.config.is_moe else None
     model = select_trainable(model, config)
+    if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        model = model.to(acc.device)  # the set-up passes below run where training will, fresh or resumed
     if checkpoint is None and config.expert_init == "data" and config.train.startswith("experts"):
-        init_from_data(model.to(acc.device), stream.peek(init_blocks_needed(config.seq_len)), config.seed)
+        init_from_data(model, stream.peek(init_blocks_needed(config.seq_len)), config.seed)
     retain_blocks = load_retain_blocks(config, model, tokenizer, checkpoint, acc, progress)
     retain = None
     if retain_blocks is not None and config.retain_coef > 0 and config.train.startswith("experts"):
@@ -279,7 +281,7 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
         retain = build_penalty(model, retain_blocks, config.retain_coef, config.retain_tokens, config.seed)
     slots = None
     if config.slot_fraction < 1 and config.train.startswith("experts"):
-        slots = choose_slots(config, model, stream, retain_blocks, checkpoint)
+        slots = choose_slots(config, model, stream, retain_blocks, checkpoint, acc)
         freeze_unselected(cdmoe_layers(model), slots)
     if checkpoint is not None:
         load_weights(model, checkpoint)
@@ -346,14 +348,21 @@ def load_retain_blocks(config: TrainConfig, model: torch.nn.Module, tokenizer, c
 
 
 def choose_slots(config: TrainConfig, model: torch.nn.Module, stream: PackedStream,
-                 retain_blocks: torch.Tensor | None, checkpoint: Path | None) -> list[torch.Tensor]:
-    """The experts that train (per routed layer): those saved with the run on resume, else chosen now."""
+                 retain_blocks: torch.Tensor | None, checkpoint: Path | None, acc: Accelerator) -> list[torch.Tensor]:
+    """The experts that train (per routed layer): those saved with the run on resume, else chosen now (the main
+    process's choice on every process)."""
     saved = slots_path(checkpoint.parent) if checkpoint is not None else None
     if saved is not None and saved.is_file():
         return masks_from_tensors(load_tensors(saved))
     train_states, _ = layer_inputs(model, stream.peek(init_blocks_needed(config.seq_len)), MAX_STATES, config.seed)
     retain_states = None if retain_blocks is None else layer_inputs(model, retain_blocks, MAX_STATES, config.seed)[0]
-    return select_slots(cdmoe_layers(model), train_states, retain_states, config.slot_fraction)
+    masks = select_slots(cdmoe_layers(model), train_states, retain_states, config.slot_fraction)
+    if acc.num_processes > 1:  # ties could break differently across processes: use the main one's
+        from accelerate.utils import broadcast
+
+        stacked = broadcast(torch.stack(masks).to(acc.device, torch.uint8), from_process=0).cpu()
+        masks = list(stacked.bool())
+    return masks
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
