@@ -80,28 +80,25 @@ def fitted_tables(states: torch.Tensor, num_keys: int, std: float, seed: int
 
 
 @torch.no_grad()
-def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int:
-    """Fit the keys and ``down_embed`` of every routed layer whose ``up_embed`` is zero; returns how many were
-    fitted (a layer whose inputs are nearly all equal keeps its keys)."""
-    layers = [m for m in cdmoe_layers(model) if not m.up_embed.weight.any()]
-    if not layers:
-        return 0
-    tokens = blocks.numel()
-    states, _ = layer_inputs(model, blocks, min(tokens, MAX_STATES), seed)
-    by_layer = dict(zip(cdmoe_layers(model), states))
-    std = model.config.initializer_range
-    fitted = 0
-    for index, layer in enumerate(layers):
-        tables = fitted_tables(by_layer[layer], layer.num_keys, std, seed * 1_000_003 + index)
-        if tables is None:
-            continue  # degenerate inputs (all equal): keep the graft's random keys
-        keys, down = tables
-        if down.shape != layer.down_embed.weight.shape or keys.shape != layer.router_gate.weight.shape:
-            raise RuntimeError(f"fitted shapes {tuple(keys.shape)}/{tuple(down.shape)} do not match the layer")
-        layer.router_gate.weight.copy_(keys)
-        layer.down_embed.weight.copy_(down)
-        fitted += 1
+def fit_from_states(model: nn.Module, states: list[torch.Tensor], seed: int) -> int:
+    """Fit the keys and ``down_embed`` of every routed layer whose ``up_embed`` is zero, from ``states`` (the inputs
+    of every routed layer, as :func:`upcycle.retain.layer_inputs` returns them); returns how many were fitted (a
+    layer with too few or nearly equal inputs keeps its keys)."""
+    std, fitted = model.config.initializer_range, 0
+    for index, (layer, inputs) in enumerate(zip(cdmoe_layers(model), states)):
+        if layer.up_embed.weight.any():
+            continue  # its experts already learned
+        tables = fitted_tables(inputs, layer.num_keys, std, seed * 1_000_003 + index)
+        if tables is not None:
+            layer.router_gate.weight.copy_(tables[0])
+            layer.down_embed.weight.copy_(tables[1])
+            fitted += 1
     return fitted
+
+
+def init_from_data(model: nn.Module, blocks: torch.LongTensor, seed: int) -> int:
+    """:func:`fit_from_states` on the layer inputs of up to ``MAX_STATES`` positions of ``blocks``."""
+    return fit_from_states(model, layer_inputs(model, blocks, min(blocks.numel(), MAX_STATES), seed)[0], seed)
 
 
 def init_blocks_needed(seq_len: int) -> int:

@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from upcycle.checkpoint import load_tensors, load_torch_state, read_json, rng_state, save_tensors, write_json
 from upcycle.data import DataSource, PackedStream, build_data, build_retain, parse_source
 from upcycle.errors import DamagedCheckpoint, UpcycleError
-from upcycle.expert_init import MAX_STATES, init_blocks_needed, init_from_data
+from upcycle.expert_init import MAX_STATES, fit_from_states, init_blocks_needed
 from upcycle.folder import SUMMARY, load_model, save_model
 from upcycle.modeling_upcycle_doge import CausalCDMoE
 from upcycle.recipe import DataSpec, TrainConfig, save_config
@@ -270,8 +270,15 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
     model = select_trainable(model, config)
     if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         model = model.to(acc.device)  # the set-up passes below run where training will, fresh or resumed
-    if checkpoint is None and config.expert_init == "data" and config.train.startswith("experts"):
-        init_from_data(model, stream.peek(init_blocks_needed(config.seq_len)), config.seed)
+    experts = config.train.startswith("experts")
+    saved_slots = slots_path(checkpoint.parent) if checkpoint is not None else None
+    fit = checkpoint is None and config.expert_init == "data" and experts
+    pick = config.slot_fraction < 1 and experts and not (saved_slots is not None and saved_slots.is_file())
+    # the routed layers' inputs on the next training blocks, read once for the key fit and the slot choice
+    train_states = (layer_inputs(model, stream.peek(init_blocks_needed(config.seq_len)), MAX_STATES, config.seed)[0]
+                    if fit or pick else None)
+    if fit:
+        fit_from_states(model, train_states, config.seed)
     retain_blocks = load_retain_blocks(config, model, tokenizer, checkpoint, acc, progress)
     retain = None
     if retain_blocks is not None and config.retain_coef > 0 and config.train.startswith("experts"):
@@ -280,8 +287,9 @@ def open_session(config: TrainConfig, folder: Path, run: RunFolder, checkpoint: 
                                "FSDP/DeepSpeed do not allow: use DDP, or pass --retain-coef 0")
         retain = build_penalty(model, retain_blocks, config.retain_coef, config.retain_tokens, config.seed)
     slots = None
-    if config.slot_fraction < 1 and config.train.startswith("experts"):
-        slots = choose_slots(config, model, stream, retain_blocks, checkpoint, acc)
+    if config.slot_fraction < 1 and experts:
+        slots = (choose_slots(config, model, train_states, retain, retain_blocks, acc) if pick
+                 else masks_from_tensors(load_tensors(saved_slots)))  # a resume trains the same experts
         freeze_unselected(cdmoe_layers(model), slots)
     if checkpoint is not None:
         load_weights(model, checkpoint)
@@ -347,15 +355,13 @@ def load_retain_blocks(config: TrainConfig, model: torch.nn.Module, tokenizer, c
     return blocks
 
 
-def choose_slots(config: TrainConfig, model: torch.nn.Module, stream: PackedStream,
-                 retain_blocks: torch.Tensor | None, checkpoint: Path | None, acc: Accelerator) -> list[torch.Tensor]:
-    """The experts that train (per routed layer): those saved with the run on resume, else chosen now (the main
-    process's choice on every process)."""
-    saved = slots_path(checkpoint.parent) if checkpoint is not None else None
-    if saved is not None and saved.is_file():
-        return masks_from_tensors(load_tensors(saved))
-    train_states, _ = layer_inputs(model, stream.peek(init_blocks_needed(config.seq_len)), MAX_STATES, config.seed)
-    retain_states = None if retain_blocks is None else layer_inputs(model, retain_blocks, MAX_STATES, config.seed)[0]
+def choose_slots(config: TrainConfig, model: torch.nn.Module, train_states: list[torch.Tensor],
+                 retain: RetainPenalty | None, retain_blocks: torch.Tensor | None,
+                 acc: Accelerator) -> list[torch.Tensor]:
+    """The experts that train, per routed layer, ranked against the retain states (the penalty's pool when there is
+    one); the main process's choice on every process."""
+    retain_states = (retain.states if retain is not None else None if retain_blocks is None
+                     else layer_inputs(model, retain_blocks, MAX_STATES, config.seed)[0])
     masks = select_slots(cdmoe_layers(model), train_states, retain_states, config.slot_fraction)
     if acc.num_processes > 1:  # ties could break differently across processes: use the main one's
         from accelerate.utils import broadcast
