@@ -67,26 +67,32 @@ SHAPE = dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidde
              num_key_value_heads=1, tie_word_embeddings=True)
 
 
+def fresh_model(layers: list[int] | str | None, device: str) -> UpcycleDogeForCausalLM:
+    """The Doge-20M shape, dense (``layers`` None) or with 1024 experts in ``layers``, as a fresh graft (zero
+    ``up_embed``); random weights, seed 0."""
+    torch.manual_seed(0)
+    if layers is None:
+        return UpcycleDogeForCausalLM(DogeConfig(**SHAPE)).to(device)
+    config = DogeConfig(**SHAPE, is_moe=True, num_experts=1024, num_experts_per_tok=8)
+    if layers != "all":
+        config.upcycle_expert_layers = layers
+    model = UpcycleDogeForCausalLM(config).to(device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "up_embed" in name:
+                p.zero_()
+    return model
+
+
 def build(variant: str, device: str, bsz: int, seq: int) -> Callable[[], None]:
     """One optimizer step of ``variant`` as a closure."""
-    torch.manual_seed(0)
     layers, overrides, _ = VARIANT_SPECS[variant]
-    if layers is None:
-        config = DogeConfig(**SHAPE)
-    else:
-        config = DogeConfig(**SHAPE, is_moe=True, num_experts=1024, num_experts_per_tok=8)
-        if layers != "all":
-            config.upcycle_expert_layers = layers
-    model = UpcycleDogeForCausalLM(config).to(device).train()
+    model = fresh_model(layers, device).train()
     train = resolve_config(None, model="m", data=["d"], **{"train": "experts", "lr": 1e-3, **overrides})
     model = select_trainable(model, train)
     optimizer = build_optimizer(model, train)
     retain = None
     if layers is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "up_embed" in name:
-                    p.zero_()
         blocks = torch.randint(0, 32768, (64, seq), generator=torch.Generator().manual_seed(3))
         retain = None if train.retain_coef == 0 else build_penalty(model, blocks.to(device), train.retain_coef, train.retain_tokens, seed=0)
     ids = torch.randint(0, 32768, (bsz, seq), generator=torch.Generator().manual_seed(1)).to(device)
@@ -109,14 +115,7 @@ def fit_seconds(device: str, seq: int) -> float:
 
     from upcycle.expert_init import init_from_data
 
-    torch.manual_seed(0)
-    config = DogeConfig(**SHAPE, is_moe=True, num_experts=1024, num_experts_per_tok=8)
-    config.upcycle_expert_layers = list(range(4, 8))
-    model = UpcycleDogeForCausalLM(config).to(device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "up_embed" in name:
-                p.zero_()
+    model = fresh_model(VARIANT_SPECS["experts-top"][0], device)
     blocks = torch.randint(0, 32768, (init_blocks_needed(seq), seq), generator=torch.Generator().manual_seed(2))
     started = time.perf_counter()
     init_from_data(model, blocks, seed=0)

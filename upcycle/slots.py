@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from upcycle.modeling_upcycle_doge import CausalCDMoE, routing_weights_of
+from upcycle.modeling_upcycle_doge import CausalCDMoE, route, router_logits_fp32
 
 SLOTS_FILE = "slots.safetensors"
 
@@ -22,9 +22,9 @@ SLOTS_FILE = "slots.safetensors"
 @torch.no_grad()
 def expert_hits(layer: CausalCDMoE, states: torch.Tensor) -> torch.Tensor:
     """How often each expert of ``layer`` is picked for ``states`` ``(N, hidden)``: ``(num_experts,)`` float."""
-    weight = layer.router_gate.weight
-    _, indices, _ = routing_weights_of(layer, states.to(weight.device, weight.dtype))
-    return torch.bincount(indices.flatten(), minlength=layer.num_keys ** 2).float().cpu()
+    logits = router_logits_fp32(layer, states.to(layer.router_gate.weight.device))
+    _, indices = route(logits, layer.num_keys, layer.top_k)
+    return torch.bincount(indices.flatten(), minlength=layer.num_experts).float().cpu()
 
 
 def select_slots(layers: list[CausalCDMoE], train_states: list[torch.Tensor],
